@@ -1,0 +1,43 @@
+# Two commands do all set-up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PRESET ?= tiny
+BIN := $(VENV)/bin
+
+.PHONY: install run test test-all lint bench compile data clean
+
+# torch first, from the pinned CPU build: a looser requirement pulls the CUDA wheels.
+$(VENV)/.installed: pyproject.toml .ci/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -c .ci/constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip check
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install  ## the whole pipeline on this machine (kfp.local), tiny preset
+	$(BIN)/parti run --preset $(PRESET)
+
+test: install  ## the default test suite (what CI runs)
+	$(BIN)/python -m pytest
+
+test-all: install  ## also the slow tests
+	$(BIN)/python -m pytest -m "slow or not slow"
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: install
+	$(BIN)/python bench/data.py
+
+compile: install  ## refresh the committed pipeline YAML
+	$(BIN)/parti pipeline compile --out pipelines/parti_pipeline.yaml
+
+data: install  ## regenerate the DVC-tracked synthetic set (reproduces data.dvc)
+	$(BIN)/parti data synth --out data
+	$(BIN)/dvc status data.dvc
+
+clean:
+	rm -rf outputs

@@ -1,0 +1,442 @@
+"""Validate: a Great Expectations suite over the per-row facts that ingest gathered.
+
+Each canonical shard is one GE batch (the same suite per shard, so shards can be
+validated in parallel on a cluster). Rows failing any expectation go to the
+quarantine with every reason that applies; the rest are written as accepted
+shards. `accepted + quarantined == input rows` always. Past
+`data.max_quarantine_fraction`, or when the split balance is off, the step stops
+with a message naming the top reasons and the report — after writing them.
+"""
+
+import html
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from parti_ops.components.progress import track
+from parti_ops.components.shards import (
+    FACT_COLUMNS,
+    ShardWriter,
+    read_manifest,
+    write_json,
+)
+from parti_ops.model.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+# Pillow modes a source image may have; ingest converts every one of them to RGB.
+KNOWN_MODES = ["1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
+               "LAB", "HSV", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"]  # fmt: skip
+
+
+class DataValidationError(RuntimeError):
+    """Validation stopped the run; the message says why and where the report is."""
+
+
+@dataclass(frozen=True)
+class RowCheck:
+    """One row-level expectation, the quarantine reason it gives and how to word its detail."""
+
+    reason: str
+    expectation: Callable[[DataConfig, float], Any]
+    detail: Callable[[dict[str, Any], DataConfig], str]
+
+
+def _checks() -> list[RowCheck]:
+    import great_expectations as gx
+
+    E = gx.expectations
+    # Order matters: a later check whose detail repeats an earlier one is not listed twice.
+    return [
+        RowCheck(
+            "path_outside_root",
+            lambda d, m: E.ExpectColumnValuesToBeInSet(
+                column="path_inside_root", value_set=[True], mostly=m
+            ),
+            lambda r, d: r["read_error"],
+        ),
+        RowCheck(
+            "unreadable",
+            lambda d, m: E.ExpectColumnValuesToBeNull(column="read_error", mostly=m),
+            lambda r, d: r["read_error"],
+        ),
+        RowCheck(
+            "not_decodable",
+            lambda d, m: E.ExpectColumnValuesToBeInSet(
+                column="decodable", value_set=[True], mostly=m
+            ),
+            lambda r, d: r["decode_error"],
+        ),
+        RowCheck(
+            "unknown_mode",
+            lambda d, m: E.ExpectColumnValuesToBeInSet(
+                column="mode", value_set=KNOWN_MODES, mostly=m
+            ),
+            lambda r, d: f"image mode {r['mode']!r} is not one ingest can convert",
+        ),
+        RowCheck(
+            "width_out_of_range",
+            lambda d, m: E.ExpectColumnValuesToBeBetween(
+                column="width", min_value=d.min_image_side, max_value=d.max_image_side, mostly=m
+            ),
+            lambda r, d: f"width {r['width']} outside [{d.min_image_side}, {d.max_image_side}]",
+        ),
+        RowCheck(
+            "height_out_of_range",
+            lambda d, m: E.ExpectColumnValuesToBeBetween(
+                column="height", min_value=d.min_image_side, max_value=d.max_image_side, mostly=m
+            ),
+            lambda r, d: f"height {r['height']} outside [{d.min_image_side}, {d.max_image_side}]",
+        ),
+        RowCheck(
+            "aspect_ratio",
+            lambda d, m: E.ExpectColumnValuesToBeBetween(
+                column="aspect_ratio", min_value=1.0, max_value=d.max_aspect_ratio, mostly=m
+            ),
+            lambda r, d: f"aspect ratio {r['aspect_ratio']:.2f} over {d.max_aspect_ratio}",
+        ),
+        RowCheck(
+            "caption_not_utf8",
+            lambda d, m: E.ExpectColumnValuesToBeInSet(
+                column="caption_utf8", value_set=[True], mostly=m
+            ),
+            lambda r, d: "caption is not valid UTF-8",
+        ),
+        RowCheck(
+            "caption_control_chars",
+            lambda d, m: E.ExpectColumnValuesToBeInSet(
+                column="caption_control_chars", value_set=[False], mostly=m
+            ),
+            lambda r, d: "caption contains control characters",
+        ),
+        RowCheck(
+            "caption_empty",
+            lambda d, m: E.ExpectColumnValuesToBeBetween(
+                column="caption_chars", min_value=1, mostly=m
+            ),
+            lambda r, d: "caption is empty or only whitespace",
+        ),
+        RowCheck(
+            "caption_too_long",
+            lambda d, m: E.ExpectColumnValuesToBeBetween(
+                column="caption_chars", max_value=d.max_caption_chars, mostly=m
+            ),
+            lambda r, d: f"caption has {r['caption_chars']} characters (max {d.max_caption_chars})",
+        ),
+        RowCheck(
+            "caption_too_many_words",
+            lambda d, m: E.ExpectColumnValuesToBeBetween(
+                column="caption_words", max_value=d.max_caption_words, mostly=m
+            ),
+            lambda r, d: f"caption has {r['caption_words']} words (max {d.max_caption_words})",
+        ),
+        RowCheck(
+            "duplicate_image",
+            lambda d, m: E.ExpectColumnValuesToBeNull(column="duplicate_of", mostly=m),
+            lambda r, d: f"same image bytes as row {r['duplicate_of']}",
+        ),
+    ]
+
+
+class _Suites:
+    """An in-memory GE context with the row suite, the split suite and a Data Docs site."""
+
+    def __init__(self, docs_dir: Path, data: DataConfig):
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import (
+            DataContextConfig,
+            InMemoryStoreBackendDefaults,
+            ProgressBarsConfig,
+        )
+
+        site = {
+            "class_name": "SiteBuilder",
+            "show_how_to_buttons": False,
+            "store_backend": {
+                "class_name": "TupleFilesystemStoreBackend",
+                "base_directory": str(docs_dir.resolve()),
+            },
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        }
+        config = DataContextConfig(
+            store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
+            analytics_enabled=False,  # no usage statistics leave this machine
+            progress_bars=ProgressBarsConfig(globally=False),
+            data_docs_sites={"data_docs": site},
+        )
+        self.context = gx.get_context(project_config=config, mode="ephemeral")
+        source = self.context.data_sources.add_pandas("facts")
+        self.checks = _checks()
+        mostly = 1.0 - data.max_quarantine_fraction
+        self.rows = self._checkpoint(
+            gx,
+            source.add_dataframe_asset("rows").add_batch_definition_whole_dataframe("shard"),
+            "image_caption_rows",
+            [self._tagged(c, data, mostly) for c in self.checks],
+            {"result_format": "COMPLETE", "unexpected_index_column_names": ["row_id"]},
+        )
+        E = gx.expectations
+        self.splits = self._checkpoint(
+            gx,
+            source.add_dataframe_asset("splits").add_batch_definition_whole_dataframe("all"),
+            "image_caption_splits",
+            [
+                E.ExpectColumnDistinctValuesToContainSet(column="split", value_set=["train"]),
+                E.ExpectColumnValuesToBeBetween(
+                    column="fraction",
+                    min_value=data.min_split_fraction,
+                    max_value=data.max_split_fraction,
+                ),
+            ],
+            {"result_format": "COMPLETE"},
+        )
+
+    @staticmethod
+    def _tagged(check: RowCheck, data: DataConfig, mostly: float):
+        expectation = check.expectation(data, mostly)
+        expectation.meta = {"reason": check.reason}  # read back from each result
+        return expectation
+
+    def _checkpoint(self, gx, batch, name, expectations, result_format):
+        suite = self.context.suites.add(gx.ExpectationSuite(name=name, expectations=expectations))
+        definition = self.context.validation_definitions.add(
+            gx.ValidationDefinition(name=name, data=batch, suite=suite)
+        )
+        checkpoint = gx.Checkpoint(
+            name=name, validation_definitions=[definition], result_format=result_format
+        )
+        return self.context.checkpoints.add(checkpoint)
+
+    @staticmethod
+    def run(checkpoint, frame: pd.DataFrame, run_name: str):
+        from great_expectations.core.run_identifier import RunIdentifier
+
+        result = checkpoint.run(
+            batch_parameters={"dataframe": frame}, run_id=RunIdentifier(run_name=run_name)
+        )
+        (validation,) = result.run_results.values()
+        return result.success, validation.results
+
+
+def validate(canonical_dir: str | Path, out_dir: str | Path, data: DataConfig) -> dict[str, Any]:
+    """Run the suite over every shard, write accepted shards, quarantine, Data Docs and report.
+
+    Writes into `out_dir`: `accepted/` (shards + manifest), `quarantine.jsonl`,
+    `data_docs/index.html`, `report.json` and `report.html`.
+
+    Raises:
+        DataValidationError: after writing everything, when the quarantine fraction is over
+            `data.max_quarantine_fraction` or the split balance expectations fail.
+    """
+    canonical_dir, out = Path(canonical_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(canonical_dir)
+    suites = _Suites(out / "data_docs", data)
+    accepted = ShardWriter(out / "accepted", shard_size=data.shard_size)
+    reasons: Counter[str] = Counter()
+    splits: Counter[str] = Counter()
+    rows_in = quarantined = 0
+    failed_expectations: set[str] = set()
+    checkpoints_ok = True
+    with open(out / "quarantine.jsonl", "w", encoding="utf-8") as quarantine:
+        shards = manifest["shards"]
+        for index, shard in enumerate(track(shards, "validate", len(shards))):
+            path = canonical_dir / shard["file"]
+            facts = pq.read_table(path, columns=[*FACT_COLUMNS, "caption"]).to_pandas()
+            ok, results = suites.run(suites.rows, facts, f"shard-{index:05d}")
+            checkpoints_ok = checkpoints_ok and ok
+            failed_expectations |= {
+                r.expectation_config.meta["reason"] for r in results if not r.success
+            }
+            flagged = _flagged_rows(results, suites.checks)
+            table = pq.read_table(path)
+            is_bad = pc.is_in(table["row_id"], value_set=pa.array(list(flagged), pa.int64()))
+            accepted.write_table(table.filter(pc.invert(is_bad)))
+            for row in table.filter(is_bad).drop_columns(["image"]).to_pylist():
+                row_reasons = _reasons(row, flagged[row["row_id"]], data)
+                reasons.update(r.split(":", 1)[0] for r in row_reasons)
+                quarantine.write(json.dumps({**row, "reasons": row_reasons}) + "\n")
+            rows_in += len(facts)
+            quarantined += len(flagged)
+            splits.update(facts.loc[~facts["row_id"].isin(flagged), "split"])
+    n_accepted = rows_in - quarantined
+    split_frame = pd.DataFrame(
+        {"split": list(splits), "fraction": [n / max(n_accepted, 1) for n in splits.values()]}
+    )
+    splits_ok, split_results = suites.run(suites.splits, split_frame, "splits")
+    suites.context.build_data_docs()
+    accepted.close(
+        source=str(canonical_dir.resolve()),
+        data_digest=manifest.get("data_digest"),
+        image_size=manifest.get("image_size"),
+        splits=dict(sorted(splits.items())),
+    )
+    fraction = quarantined / rows_in if rows_in else 0.0
+    report = {
+        "rows_in": rows_in,
+        "accepted": n_accepted,
+        "quarantined": quarantined,
+        "quarantine_fraction": fraction,
+        "max_quarantine_fraction": data.max_quarantine_fraction,
+        "reasons": dict(reasons.most_common()),
+        "failed_expectations": sorted(failed_expectations),
+        "splits": dict(sorted(splits.items())),
+        "split_balance_ok": splits_ok,
+        "split_balance_failures": [_describe(r) for r in split_results if not r.success],
+        "data_digest": manifest.get("data_digest"),
+        "paths": {
+            "accepted": str((out / "accepted").resolve()),
+            "quarantine": str((out / "quarantine.jsonl").resolve()),
+            "data_docs": str((out / "data_docs" / "index.html").resolve()),
+            "report": str((out / "report.html").resolve()),
+        },
+    }
+    # The GE checkpoints gate the run (each expectation allows `mostly` failures), and so
+    # does the union of their failures: the fraction of rows quarantined for any reason.
+    report["checkpoints_ok"] = checkpoints_ok
+    report["passed"] = checkpoints_ok and splits_ok and fraction <= data.max_quarantine_fraction
+    write_json(out / "report.json", report)
+    page = render_html(report, out / "quarantine.jsonl")
+    (out / "report.html").write_text(page, encoding="utf-8")
+    assert report["accepted"] + report["quarantined"] == rows_in
+    log.info(
+        "validated %d rows: %d accepted, %d quarantined (%.1f%%); report: %s",
+        rows_in, n_accepted, quarantined, 100 * fraction, report["paths"]["report"],
+    )  # fmt: skip
+    if not report["passed"]:
+        raise DataValidationError(failure_message(report))
+    return report
+
+
+def _flagged_rows(results, checks: list[RowCheck]) -> dict[int, list[RowCheck]]:
+    """{row_id: [checks it failed, in suite order]} from a checkpoint's COMPLETE results."""
+    by_reason = {c.reason: c for c in checks}
+    order = {c.reason: i for i, c in enumerate(checks)}
+    flagged: dict[int, list[RowCheck]] = {}
+    for result in results:
+        check = by_reason[result.expectation_config.meta["reason"]]
+        for hit in result.result.get("unexpected_index_list") or []:
+            flagged.setdefault(int(hit["row_id"]), []).append(check)
+    return {k: sorted(v, key=lambda c: order[c.reason]) for k, v in flagged.items()}
+
+
+def _reasons(row: dict[str, Any], failed: list[RowCheck], data: DataConfig) -> list[str]:
+    """ "reason: detail" for each failed check, skipping a detail an earlier reason already gave."""
+    out, seen = [], set()
+    for check in failed:
+        detail = check.detail(row, data)
+        if detail not in seen:
+            seen.add(detail)
+            out.append(f"{check.reason}: {detail}")
+    return out
+
+
+def _describe(result) -> str:
+    config = result.expectation_config
+    observed = result.result.get("partial_unexpected_list") or result.result.get("observed_value")
+    return f"{config.type} {config.kwargs.get('column')}: unexpected {observed}"
+
+
+def failure_message(report: dict[str, Any]) -> str:
+    parts = []
+    if report["quarantine_fraction"] > report["max_quarantine_fraction"]:
+        top = ", ".join(f"{k} ({v})" for k, v in list(report["reasons"].items())[:3])
+        parts.append(
+            f"{report['quarantined']} of {report['rows_in']} rows quarantined "
+            f"({100 * report['quarantine_fraction']:.1f}% > data.max_quarantine_fraction="
+            f"{100 * report['max_quarantine_fraction']:.1f}%); top reasons: {top}"
+        )
+    elif not report["checkpoints_ok"]:
+        parts.append(
+            "the Great Expectations checkpoint failed on a shard for "
+            f"{', '.join(report['failed_expectations'])} (over "
+            f"{100 * report['max_quarantine_fraction']:.1f}% of that shard's rows)"
+        )
+    if not report["split_balance_ok"]:
+        parts.append(
+            f"split balance failed ({report['splits']}); add a held-out split or set"
+            " data.min_split_fraction / data.max_split_fraction"
+        )
+    return f"validation stopped the run: {'; '.join(parts)}. Report: {report['paths']['report']}"
+
+
+def render_html(report: dict[str, Any], quarantine: Path, limit: int = 200) -> str:
+    """A one-page summary: counts, reasons, splits, first quarantined rows, link to Data Docs."""
+    esc = html.escape
+
+    def table(counts: dict[str, int]) -> str:
+        return "".join(f"<tr><td>{esc(k)}</td><td>{v}</td></tr>" for k, v in counts.items())
+
+    reasons, splits = table(report["reasons"]), table(report["splits"])
+    rows = []
+    with open(quarantine, encoding="utf-8") as f:
+        for _, line in zip(range(limit), f, strict=False):
+            row = json.loads(line)
+            rows.append(
+                f"<tr><td>{row['row_id']}</td><td>{esc(row['source'])}</td>"
+                f"<td>{esc('; '.join(row['reasons']))}</td></tr>"
+            )
+    status = "passed" if report["passed"] else "FAILED"
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>parti-ops data validation: {status}</title>
+<style>body{{font-family:sans-serif;margin:2em}}td,th{{border:1px solid #ccc;padding:4px}}
+table{{border-collapse:collapse;margin-bottom:1.5em}}</style></head><body>
+<h1>Data validation {status}</h1>
+<p>{report["rows_in"]} rows in, {report["accepted"]} accepted, {report["quarantined"]} quarantined
+({100 * report["quarantine_fraction"]:.2f}%, limit {100 * report["max_quarantine_fraction"]:.2f}%).
+Data digest: <code>{esc(str(report["data_digest"]))}</code>.
+Great Expectations Data Docs: <a href="data_docs/index.html">data_docs/index.html</a>.</p>
+<h2>Quarantine reasons</h2><table><tr><th>reason</th><th>rows</th></tr>{reasons}</table>
+<h2>Accepted rows per split</h2><table><tr><th>split</th><th>rows</th></tr>{splits}</table>
+<h2>Quarantined rows (first {limit})</h2>
+<table><tr><th>row</th><th>source</th><th>reasons</th></tr>{"".join(rows)}</table>
+</body></html>
+"""
+
+
+def validate_step(
+    config_json: str, parent_run_id: str, canonical_dir: str, out_dir: str
+) -> dict[str, Any]:
+    """`validate` inside a nested MLflow run; logs counts, reasons, report and Data Docs.
+
+    The run is logged before a failing gate raises, so the report is there to read.
+    """
+    from parti_ops.components.tracking import step_run
+    from parti_ops.model.config import Config
+
+    config = Config.from_json(config_json)
+    out = Path(out_dir)
+    with step_run(config, "validate", parent_run_id) as run:
+        try:
+            report = validate(canonical_dir, out, config.data)
+        except DataValidationError:
+            _log_report(run, json.loads((out / "report.json").read_text(encoding="utf-8")), out)
+            raise
+        _log_report(run, report, out)
+    return report
+
+
+def _log_report(run, report: dict[str, Any], out: Path) -> None:
+    run.log(
+        metrics={
+            "rows_in": report["rows_in"],
+            "accepted": report["accepted"],
+            "quarantined": report["quarantined"],
+            "quarantine_fraction": report["quarantine_fraction"],
+            **{f"quarantined.{k}": v for k, v in report["reasons"].items()},
+            **{f"accepted.{k}": v for k, v in report["splits"].items()},
+        },
+        tags={"validation.passed": report["passed"], "data.digest": report["data_digest"]},
+    )
+    for name in ("report.json", "report.html", "quarantine.jsonl"):
+        run.log_artifact(out / name, "validation")
+    run.log_artifacts(out / "data_docs", "validation/data_docs")

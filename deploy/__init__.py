@@ -1,0 +1,1 @@
+"""Export and serving: ONNX/TensorRT export, the Triton model repository, images and manifests."""

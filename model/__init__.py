@@ -1,0 +1,1 @@
+"""The ML: configuration, the synthetic scene world and its oracle; tokenizers and Parti."""

@@ -1,0 +1,1 @@
+"""Pipeline wiring, its compiled YAML, and the `parti` command."""

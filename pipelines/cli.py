@@ -1,0 +1,222 @@
+"""`parti`: the one console command; each sub-command's docstring is its --help."""
+
+import logging
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from parti_ops.model.config import PRESETS, Config, ConfigError
+
+app = typer.Typer(help="parti-ops: train, evaluate, promote and serve a Parti-style model.")
+data_app = typer.Typer(help="Data: synthetic set, ingest, validation.")
+config_app = typer.Typer(help="Configuration presets.")
+pipeline_app = typer.Typer(help="The Kubeflow pipeline.")
+app.add_typer(data_app, name="data")
+app.add_typer(config_app, name="config")
+app.add_typer(pipeline_app, name="pipeline")
+
+console = Console(stderr=True)
+
+Preset = Annotated[
+    str, typer.Option(help=f"Named preset: {', '.join(PRESETS)}.", show_default=True)
+]
+ConfigFile = Annotated[
+    Path | None, typer.Option("--config", help="YAML file of config sections over the preset.")
+]
+Overrides = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override one field, e.g. --set data.image_size=32 (repeatable)."),
+]
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("-v", help="Debug logging.")] = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+        force=True,
+    )
+    for noisy in ("great_expectations", "alembic", "urllib3", "mlflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _clear_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn expected failures (bad config, bad data) into one red line and exit code 1."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from parti_ops.components.ingest import IngestError
+        from parti_ops.components.validate import DataValidationError
+
+        try:
+            return command(*args, **kwargs)
+        except (ConfigError, IngestError, DataValidationError, FileNotFoundError) as err:
+            console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _load(preset: str, config: Path | None, overrides: list[str] | None) -> Config:
+    return Config.load(preset, config, overrides or [])
+
+
+@config_app.command("show")
+@_clear_errors
+def config_show(
+    preset: Preset = "tiny",
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of YAML.")] = False,
+) -> None:
+    """Print the resolved configuration (preset + YAML file + --set overrides)."""
+    import yaml
+
+    resolved = _load(preset, config, overrides)
+    if as_json:
+        print(resolved.to_json())
+    else:
+        print(yaml.safe_dump(resolved.to_dict(), sort_keys=False), end="")
+
+
+@data_app.command("synth")
+@_clear_errors
+def data_synth(
+    out: Annotated[Path, typer.Option(help="Folder to write the image folder into.")] = Path(
+        "data"
+    ),
+    preset: Preset = "tiny",
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+) -> None:
+    """Draw the deterministic synthetic data set (Hugging Face imagefolder layout).
+
+    Same seed and config, same bytes: its DVC digest is the one in data.dvc.
+    """
+    from parti_ops.components.synth import synthesize
+    from parti_ops.components.versioning import dvc_md5
+
+    data = _load(preset, config, overrides).data
+    summary = synthesize(out, data)
+    console.print(f"wrote {summary} to {out.resolve()}")
+    console.print(f"DVC digest: {dvc_md5(out)}")
+
+
+@data_app.command("ingest")
+@_clear_errors
+def data_ingest(
+    source: Annotated[Path, typer.Argument(help="Image folder, Parquet or .tar shards.")],
+    out: Annotated[Path, typer.Option(help="Folder for the canonical shards.")] = Path(
+        "outputs/canonical"
+    ),
+    caption_column: Annotated[
+        str | None, typer.Option(help="Caption column/extension (default: text, then caption).")
+    ] = None,
+    preset: Preset = "tiny",
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+) -> None:
+    """Read image–caption data into canonical shards at the preset's resolution.
+
+    Layouts: a folder with metadata.jsonl or metadata.csv (file_name + caption column),
+    Parquet (image bytes or file_name + caption), WebDataset .tar shards (key.jpg|png|webp
+    + key.txt [+ key.json]). Unreadable rows are kept with the reason, for validation.
+    """
+    from parti_ops.components.ingest import ingest_step
+
+    extra = [f"data.caption_column={caption_column}"] if caption_column else []
+    cfg = _load(preset, config, [*(overrides or []), *extra])
+    manifest = ingest_step(cfg.to_json(), "", str(source), str(out))
+    console.print(
+        f"{manifest['rows']} rows in {len(manifest['shards'])} shards: {out.resolve()}\n"
+        f"splits: {manifest['splits']}  DVC digest: {manifest['data_digest']}"
+    )
+
+
+@data_app.command("validate")
+@_clear_errors
+def data_validate(
+    canonical: Annotated[Path, typer.Argument(help="Folder written by `parti data ingest`.")],
+    out: Annotated[Path, typer.Option(help="Folder for accepted shards, quarantine, docs.")] = Path(
+        "outputs/validated"
+    ),
+    preset: Preset = "tiny",
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+) -> None:
+    """Run the Great Expectations suite; write accepted shards, quarantine and Data Docs.
+
+    Exits 1 with the top reasons when more than data.max_quarantine_fraction of the rows
+    fail, or the split balance is off. Nothing is dropped: accepted + quarantined = rows.
+    """
+    from parti_ops.components.validate import validate_step
+
+    cfg = _load(preset, config, overrides)
+    report = validate_step(cfg.to_json(), "", str(canonical), str(out))
+    _print_paths(
+        f"{report['accepted']} accepted, {report['quarantined']} quarantined",
+        report["paths"],
+    )
+
+
+@app.command("run")
+@_clear_errors
+def run(
+    source: Annotated[
+        Path | None, typer.Option(help="Data set to ingest; default: the synthetic set.")
+    ] = None,
+    preset: Preset = "tiny",
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+) -> None:
+    """Run the whole pipeline on this machine (kfp.local) and print where everything went."""
+    from parti_ops.pipelines.parti import run_local
+
+    cfg = _load(preset, config, overrides)
+    try:
+        result = run_local(cfg, source)
+    except RuntimeError as err:
+        console.print(f"[red]pipeline failed:[/red] {err} (the failing step's log is above)")
+        raise typer.Exit(1) from None
+    _print_paths(
+        "pipeline finished",
+        {
+            "canonical data": result.canonical,
+            "accepted data": result.accepted,
+            "quarantine": result.quarantine,
+            "validation report": result.report,
+            "Data Docs": result.data_docs,
+            "MLflow store": result.tracking_uri,
+        },
+    )
+
+
+@pipeline_app.command("compile")
+def pipeline_compile(
+    out: Annotated[Path, typer.Option(help="Where to write the pipeline YAML.")] = Path(
+        "pipelines/parti_pipeline.yaml"
+    ),
+) -> None:
+    """Compile the pipeline to Kubeflow Pipelines YAML for a cluster."""
+    from parti_ops.pipelines.parti import compile_pipeline
+
+    console.print(f"wrote {compile_pipeline(out).resolve()}")
+
+
+def _print_paths(title: str, paths: dict[str, Any]) -> None:
+    print(title)
+    width = max(len(k) for k in paths)
+    for key, value in paths.items():
+        print(f"  {key:<{width}}  {value}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    app()

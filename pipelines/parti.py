@@ -1,0 +1,125 @@
+"""The parti-ops pipeline: wiring only. Each step is a component from `components/`.
+
+    source ─► ingest ─► validate ─► (tokenizers, training, evaluation, serving: later steps)
+    (the synthetic set is drawn by the ingest step when no source is given)
+
+The same pipeline function runs on this machine with `kfp.local` and compiles to
+YAML for Kubeflow Pipelines. One MLflow parent run spans it; the exit handler
+closes that run as FAILED when any step fails.
+"""
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from kfp import compiler, dsl
+
+from parti_ops.components.ops import end_run_op, ingest_op, start_run_op, validate_op
+from parti_ops.components.versioning import git_sha
+from parti_ops.model.config import Config
+
+log = logging.getLogger(__name__)
+
+PIPELINE_NAME = "parti-ops"
+COMPILED = Path(__file__).with_name("parti_pipeline.yaml")
+
+
+@dsl.pipeline(
+    name=PIPELINE_NAME,
+    description="Train, evaluate, promote and serve a Parti-style text-to-image model.",
+)
+def parti_pipeline(
+    config_json: str = Config.from_name("tiny").to_json(),
+    source: str = "",
+    code_version: str = "unknown",
+    run_name: str = PIPELINE_NAME,
+) -> None:
+    """The whole pipeline.
+
+    Args:
+        config_json: the resolved `Config` as JSON (`parti config show --json`).
+        source: a data set path or object-store URI; empty draws the synthetic set.
+        code_version: the git SHA (or image digest) recorded on the MLflow runs.
+        run_name: the MLflow parent run's name.
+    """
+    # The exit task may not take inputs from other tasks, so it finds the parent run
+    # through the kfp run id that both tasks are given.
+    end = end_run_op(config_json=config_json, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+    end.set_caching_options(False)
+    with dsl.ExitHandler(end, name="tracked-run"):
+        start = start_run_op(
+            config_json=config_json,
+            run_name=run_name,
+            code_version=code_version,
+            pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        )
+        start.set_caching_options(False)  # a fresh parent run every time
+        parent = start.output
+        ingest = ingest_op(config_json=config_json, parent_run_id=parent, source=source)
+        validate_op(
+            config_json=config_json, parent_run_id=parent, canonical=ingest.outputs["canonical"]
+        )
+
+
+def compile_pipeline(path: str | Path = COMPILED) -> Path:
+    """Write the pipeline as Kubeflow Pipelines YAML (IR); returns the path."""
+    compiler.Compiler().compile(parti_pipeline, package_path=str(path))
+    return Path(path)
+
+
+@dataclass(frozen=True)
+class LocalRun:
+    """Where a local pipeline run put its outputs."""
+
+    canonical: Path
+    accepted: Path
+    quarantine: Path
+    data_docs: Path
+    report: Path
+    run_dir: Path
+    tracking_uri: str
+
+
+def run_local(config: Config, source: str | Path | None = None) -> LocalRun:
+    """Run the pipeline on this machine with kfp.local's SubprocessRunner.
+
+    Steps run as subprocesses of the current Python environment; artifacts go under
+    `<work_dir>/kfp/<run>/<task>/<output>`, MLflow runs to the configured store.
+    """
+    from kfp import local
+
+    root = (Path(config.work_dir) / "kfp").resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(root),
+        raise_on_error=True,
+    )
+    run_name = f"{PIPELINE_NAME}-{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    before = set(root.iterdir())
+    log.info("running pipeline %s with kfp.local; artifacts under %s", run_name, root)
+    with warnings.catch_warnings():
+        # kfp.local warns that the component image is not a "python" image; locally the
+        # steps run in this environment, where parti-ops is installed.
+        warnings.filterwarnings("ignore", message="You may be attemping to run a task")
+        parti_pipeline(
+            config_json=config.to_json(),
+            source=str(Path(source).resolve()) if source else "",
+            code_version=git_sha(Path(__file__).parent),
+            run_name=run_name,
+        )
+    # Pipeline outputs cannot leave an exit handler's scope, so the artifacts are
+    # found where kfp.local writes them: a new folder per run under the root.
+    (run_dir,) = set(root.iterdir()) - before
+    validated = run_dir / "validate-op" / "validated"
+    return LocalRun(
+        canonical=run_dir / "ingest-op" / "canonical",
+        accepted=validated / "accepted",
+        quarantine=validated / "quarantine.jsonl",
+        data_docs=validated / "data_docs" / "index.html",
+        report=validated / "report.html",
+        run_dir=run_dir,
+        tracking_uri=config.mlflow_tracking_uri(),
+    )

@@ -1,0 +1,70 @@
+import json
+
+import pytest
+
+from parti_ops.model.config import PRESETS, Config, ConfigError, DataConfig
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_builds_and_round_trips(name):
+    config = Config.from_name(name)
+    assert config.name == name
+    assert Config.from_json(config.to_json()) == config
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(ConfigError, match="unknown preset 'huge'.*tiny.*small"):
+        Config.from_name("huge")
+
+
+def test_yaml_then_overrides_layer_over_the_preset(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("preset: small\ndata:\n  image_size: 32\n  seed: 7\n")
+    config = Config.load("tiny", path, ["data.seed=9", "tracking.experiment=exp"])
+    assert config.name == "small"
+    assert config.data.image_size == 32  # from the file
+    assert config.data.seed == 9  # the override wins over the file
+    assert config.data.num_images == PRESETS["small"].data.num_images  # from the preset
+    assert config.tracking.experiment == "exp"
+
+
+def test_int_given_for_a_float_field_is_converted():
+    config = Config.load("tiny", overrides={"data.max_quarantine_fraction": 0})
+    assert config.data.max_quarantine_fraction == 0.0
+    assert isinstance(config.data.max_quarantine_fraction, float)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.imagesize=3", "unknown config key 'data.imagesize'.*image_size"),
+        ("data.image_size=big", "'data.image_size': expected int"),
+        ("data.image_size=4", "data.image_size=4: use 8..1024"),
+        ("data=3", "is a section"),
+        ("data.max_quarantine_fraction=2", "max_quarantine_fraction must be in"),
+        ("nonsense", "use section.field=value"),
+    ],
+)
+def test_bad_overrides_name_the_field(override, message):
+    with pytest.raises(ConfigError, match=message):
+        Config.load("tiny", overrides=[override])
+
+
+def test_unreadable_yaml_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: cannot read config YAML"):
+        Config.load("tiny", path)
+
+
+def test_flat_params_and_default_tracking_uri(tmp_path):
+    config = Config.load("tiny", overrides={"work_dir": str(tmp_path)})
+    flat = config.flat()
+    assert flat["data.image_size"] == 64
+    assert json.loads(config.to_json())["data"]["image_size"] == 64
+    assert config.mlflow_tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_sections_are_frozen():
+    with pytest.raises(AttributeError):
+        DataConfig().image_size = 3  # type: ignore[misc]
