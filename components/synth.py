@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from parti_ops.components.progress import track
 from parti_ops.model.config import DataConfig
 from parti_ops.model.scenes import describe, render, sample_scene
 
@@ -60,7 +61,7 @@ def synthesize(out_dir: str | Path, data: DataConfig) -> dict[str, Any]:
         folder = out / split
         folder.mkdir(parents=True)
         rows = []
-        for index in range(count):
+        for index in track(range(count), f"synth {split}", count):
             scene = sample_scene(rng, heldout=split == "test")
             name = f"{index:05d}.png"
             # Pillow writes no time or text chunks unless asked; the level is pinned so a

@@ -1,0 +1,68 @@
+"""The pipeline: the committed YAML is what the code compiles to, and kfp.local runs it."""
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from parti_ops.components.versioning import dvc_md5
+from parti_ops.model.config import Config
+from parti_ops.pipelines.parti import COMPILED, compile_pipeline, run_local
+
+
+def test_committed_pipeline_yaml_matches_the_code(tmp_path):
+    fresh = compile_pipeline(tmp_path / "pipeline.yaml").read_text()
+    assert fresh == COMPILED.read_text(), "run `make compile` and commit the YAML"
+
+
+def _runs(config: Config) -> dict[str, object]:
+    client = MlflowClient(config.mlflow_tracking_uri())
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    return {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+
+
+def test_local_run_writes_artifacts_and_nested_mlflow_runs(tmp_path):
+    config = Config.load("tiny", overrides={"work_dir": str(tmp_path), "data.num_images": 200})
+    result = run_local(config)
+
+    manifest = json.loads((result.canonical / "manifest.json").read_text())
+    report = json.loads((result.report.parent / "report.json").read_text())
+    assert manifest["rows"] == 200
+    assert report["passed"] and report["accepted"] + report["quarantined"] == 200
+    assert report["splits"] == {"test": 20, "train": 170, "validation": 10}
+    assert (result.accepted / "manifest.json").exists()
+    assert result.quarantine.exists() and result.data_docs.exists()
+    assert "Data validation passed" in result.report.read_text()
+
+    runs = _runs(config)
+    parent = next(r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.info.status == "FINISHED"
+    for step in ("synth", "ingest", "validate"):
+        assert runs[step].data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert runs[step].info.status == "FINISHED"
+    digest = dvc_md5(result.run_dir / "ingest-op" / "raw")
+    assert parent.data.tags["data.digest"] == digest == manifest["data_digest"]
+    assert [d.dataset.digest for d in parent.inputs.dataset_inputs] == [digest]
+    assert parent.data.params["data.num_images"] == "200"
+    assert parent.data.tags["version.mlflow"]
+    assert runs["validate"].data.metrics["accepted"] == 200
+
+
+def test_failed_validation_fails_the_run_and_marks_mlflow_failed(tmp_path):
+    source = tmp_path / "bad"
+    source.mkdir()
+    lines = [{"file_name": f"{i}.png", "text": "a missing image"} for i in range(20)]
+    (source / "metadata.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    config = Config.load("tiny", overrides={"work_dir": str(tmp_path / "work")})
+
+    with pytest.raises(RuntimeError, match="validate-op"):
+        run_local(config, source)
+
+    runs = _runs(config)
+    parent = next(r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.info.status == "FAILED"  # closed by the exit handler
+    assert runs["validate"].info.status == "FAILED"
+    assert runs["validate"].data.metrics["quarantined"] == 20
+    (report,) = Path(config.work_dir).glob("kfp/*/validate-op/validated/report.json")
+    assert json.loads(report.read_text())["reasons"] == {"unreadable": 20}
