@@ -127,7 +127,7 @@ def memory(small: Path, large: Path, work: Path, data: DataConfig) -> dict[str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=1000, help="N: images for throughput")
+    parser.add_argument("--images", type=int, default=2000, help="N: images for throughput")
     parser.add_argument("--repeats", type=int, default=3, help="runs per timing; best is kept")
     parser.add_argument("--image-size", type=int, default=64, help="side of images drawn, kept")
     args = parser.parse_args()

@@ -240,7 +240,6 @@ def _metadata_files(root: Path) -> list[Path]:
 
 def _jsonl_records(meta: Path, caption_column: str | None):
     """Yield (ref, record, caption_utf8, error) for each non-blank line."""
-    caption_key = caption_column
     with open(meta, "rb") as f:
         for number, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -254,9 +253,10 @@ def _jsonl_records(meta: Path, caption_column: str | None):
             if not isinstance(record, dict):
                 yield f"line {number}", None, utf8, "line is not a JSON object"
                 continue
-            if caption_key is None:
-                caption_key = _pick_caption_column(list(record), None, f"{meta}:{number}")
-            record["__caption_key__"] = caption_key
+            # JSON lines have no header: the caption field is chosen per row, so a row
+            # without one is quarantined wherever it stands in the file.
+            found = [name for name in CAPTION_COLUMNS if name in record]
+            record["__caption_key__"] = caption_column or (found[0] if found else "text")
             yield f"line {number}", record, utf8, None
 
 
@@ -300,7 +300,7 @@ def _pick_caption_column(names: list[str], wanted: str | None, where: str) -> st
 
 def _caption_value(record: dict[str, Any], key: str) -> tuple[str | None, str | None]:
     if key not in record:
-        return None, f"missing caption field {key!r}"
+        return None, f"missing caption field {key!r} (set --caption-column to use another)"
     value = record.pop(key)
     if not isinstance(value, str):
         return None, f"caption field {key!r} is {type(value).__name__}, not text"
@@ -356,14 +356,16 @@ def canonical_row(
     row_id: int, row: SourceRow, data: DataConfig, first_of: dict[str, int]
 ) -> dict[str, Any]:
     sha = hashlib.sha256(row.image).hexdigest() if row.image is not None else None
-    duplicate_of = None
-    if sha is not None:
-        duplicate_of = first_of.setdefault(sha, row_id)
-        duplicate_of = None if duplicate_of == row_id else duplicate_of
     image, facts = (None, {}) if row.image is None else decode_image(row.image, data)
     has_caption = row.caption is not None
     caption, utf8 = _repair_surrogates(row.caption or "")
     caption = " ".join(caption.split())  # collapse newlines/tabs/runs of spaces
+    # Only a row that could be kept counts as the original of later copies, so that a
+    # broken first copy does not take a good second copy into quarantine with it.
+    duplicate_of = None
+    if sha is not None and row.read_error is None and facts.get("decodable") and caption:
+        duplicate_of = first_of.setdefault(sha, row_id)
+        duplicate_of = None if duplicate_of == row_id else duplicate_of
     return {
         "row_id": row_id,
         "source": row.source,

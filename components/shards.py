@@ -90,6 +90,8 @@ class ShardWriter:
         # PNG bytes are already compressed: zstd on them costs time and saves nothing.
         codecs = {n: "none" if n == "image" else "zstd" for n in table.column_names}
         pq.write_table(table, path, compression=codecs)
+        # Hand freed buffers back to the OS so peak memory stays one shard's worth.
+        pa.default_memory_pool().release_unused()
         self.shards.append({"file": name, "rows": table.num_rows, "sha256": file_sha256(path)})
 
     def close(self, **manifest: Any) -> dict[str, Any]:

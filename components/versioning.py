@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -14,24 +14,30 @@ PACKAGES = ["parti-ops", "torch", "kfp", "mlflow", "great-expectations", "dvc", 
 def dvc_md5(path: str | Path) -> str:
     """The digest DVC gives `path`: `<md5>.dir` for a folder, the file's md5 for a file.
 
-    Computed by DVC's own hashing (a dry run that stores nothing), so it equals the
-    `md5` that `dvc add` writes into a `.dvc` file for the same content.
+    Equal to the `md5` that `dvc add` (DVC 3, `hash: md5`) writes into a `.dvc` file: a
+    folder's digest is the md5 of the JSON list of `{"md5", "relpath"}` entries sorted by
+    path (dvc_data's `Tree.as_bytes`). It is computed here as a stream, holding only the
+    sorted paths, where DVC's own builder holds a tree object per file.
     """
-    from dvc_data.hashfile.build import build
-    from dvc_data.hashfile.db import HashFileDB
-    from dvc_objects.fs.local import LocalFileSystem
-
-    path = Path(path).resolve()
+    path = Path(path)
     if path.is_file():
-        digest = hashlib.md5()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
-    fs = LocalFileSystem()
-    with tempfile.TemporaryDirectory() as scratch:
-        _, _, obj = build(HashFileDB(fs, scratch), str(path), fs, "md5", dry_run=True)
-    return obj.hash_info.value
+        return _file_md5(path)
+    relpaths = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+    digest = hashlib.md5()
+    digest.update(b"[")
+    for index, relpath in enumerate(relpaths):
+        entry = json.dumps({"md5": _file_md5(path / relpath), "relpath": relpath}, sort_keys=True)
+        digest.update(f"{', ' if index else ''}{entry}".encode())
+    digest.update(b"]")
+    return f"{digest.hexdigest()}.dir"
+
+
+def _file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def git_sha(repo: str | Path = ".") -> str:

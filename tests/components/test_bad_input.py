@@ -559,3 +559,35 @@ def test_cli_failing_gate_is_one_line(cli, canonical, tmp_path):
         "--set", "data.max_quarantine_fraction=0.5",
     )  # fmt: skip
     assert passed.exit_code == 0, passed.output
+
+
+def test_jsonl_row_without_caption_is_quarantined_even_first(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    lines = [{"file_name": "0.png", "label": "no caption here"}]
+    lines += [{"file_name": f"{k}.png", "caption": f"image {k}"} for k in range(1, 4)]
+    for k in range(4):
+        (source / f"{k}.png").write_bytes(_unique_png(k))
+    (source / "metadata.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    rows = _canonical_rows(source, tmp_path / "out")
+    first = rows["metadata.jsonl:line 1"]
+    assert first["read_error"].startswith("missing caption field 'text'")
+    assert [rows[f"metadata.jsonl:line {k}"]["caption"] for k in (2, 3, 4)] == [
+        "image 1",
+        "image 2",
+        "image 3",
+    ]
+
+
+def test_a_broken_first_copy_does_not_quarantine_a_good_second_copy(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "a.png").write_bytes(_unique_png(7))
+    (source / "b.png").write_bytes(_unique_png(7))  # the same bytes
+    lines = [{"file_name": "a.png", "text": "   "}, {"file_name": "b.png", "text": "a copy"}]
+    lines += [{"file_name": "a.png", "text": "a third copy"}]
+    (source / "metadata.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    rows = _canonical_rows(source, tmp_path / "out")
+    assert rows["metadata.jsonl:line 1"]["duplicate_of"] is None  # quarantined as empty
+    assert rows["metadata.jsonl:line 2"]["duplicate_of"] is None  # kept: the original
+    assert rows["metadata.jsonl:line 3"]["duplicate_of"] == 1

@@ -29,3 +29,23 @@ def test_dvc_md5_changes_with_content(tmp_path):
     before = dvc_md5(tmp_path)
     (tmp_path / "a.txt").write_text("two")
     assert dvc_md5(tmp_path) != before
+
+
+def test_dvc_md5_equals_dvcs_own_tree_hash(tmp_path):
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
+
+    root = tmp_path / "data"
+    for relpath, body in {
+        "b.txt": b"b",
+        "a/x.bin": bytes(range(256)),
+        "a/b/empty": b"",
+        "ünïcode name.txt": "é".encode(),
+        "a b/c-d.png": b"\x89PNG",
+    }.items():
+        (root / relpath).parent.mkdir(parents=True, exist_ok=True)
+        (root / relpath).write_bytes(body)
+    fs = LocalFileSystem()
+    _, _, obj = build(HashFileDB(fs, str(tmp_path / "odb")), str(root), fs, "md5", dry_run=True)
+    assert dvc_md5(root) == obj.hash_info.value
