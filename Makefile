@@ -3,14 +3,17 @@ PYTHON ?= python3
 VENV ?= .venv
 PRESET ?= tiny
 BIN := $(VENV)/bin
+# Where torch comes from. Empty: pip's configured sources (a local CPU wheel here).
+# Elsewhere, to avoid the CUDA build: TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 
 .PHONY: install run test test-all lint bench compile data clean
 
-# torch first, from the pinned CPU build: a looser requirement pulls the CUDA wheels.
+# torch first and pinned: a looser requirement lets pip pull the CUDA wheels.
 $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -c .ci/constraints.txt -e ".[dev]"
 	$(BIN)/python -m pip check
 	touch $@

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -124,8 +125,8 @@ def read_imagefolder(root: Path, caption_column: str | None) -> Iterator[SourceR
         records = _jsonl_records(meta, caption_column) if meta.suffix == ".jsonl" else None
         if records is None:
             records = _csv_records(meta, caption_column)
-        for ref, record, caption_utf8, error in records:
-            row = SourceRow(source=f"{rel}:{ref}", split=split, caption_utf8=caption_utf8)
+        for ref, record, error in records:
+            row = SourceRow(source=f"{rel}:{ref}", split=split)
             if error:
                 row.read_error = error
                 yield row
@@ -143,34 +144,41 @@ def read_imagefolder(root: Path, caption_column: str | None) -> Iterator[SourceR
 def read_parquet(source: Path, caption_column: str | None) -> Iterator[SourceRow]:
     files = [source] if source.is_file() else sorted(source.glob("*.parquet"))
     for path in files:
-        real_root = path.parent.resolve()
-        pf = pq.ParquetFile(path)
-        names = pf.schema_arrow.names
-        caption_key = _pick_caption_column(names, caption_column, path.name)
-        image_key = next((n for n in ("image", "jpg", "png", "webp") if n in names), None)
-        if image_key is None and "file_name" not in names:
-            raise IngestError(
-                f"{path}: no image column; expected 'image' (bytes or {{bytes, path}}) or"
-                f" 'file_name' (a path), found {names}"
-            )
-        index = 0
-        for batch in pf.iter_batches(batch_size=256):
-            for record in batch.to_pylist():
-                row = SourceRow(source=f"{path.name}:row {index}")
-                index += 1
-                row.caption, row.read_error = _caption_value(record, caption_key)
-                row.split = record.pop("split", None)
-                image = record.pop(image_key, None) if image_key else None
-                if isinstance(image, dict):  # datasets' Image feature: {bytes, path}
-                    image = image.get("bytes") or image.get("path")
-                name = image if isinstance(image, str) else record.pop("file_name", None)
-                row.metadata = {k: v for k, v in record.items() if _jsonable(v)}
-                if row.read_error is None:
-                    if isinstance(image, bytes):
-                        row.image = image
-                    else:
-                        _load_file(row, real_root, path.parent, name)
-                yield row
+        try:
+            yield from _parquet_rows(path, caption_column)
+        except pa.ArrowException as err:
+            raise IngestError(f"{path}: not a readable Parquet file ({err}); re-export it") from err
+
+
+def _parquet_rows(path: Path, caption_column: str | None) -> Iterator[SourceRow]:
+    real_root = path.parent.resolve()
+    pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    caption_key = _pick_caption_column(names, caption_column, path.name)
+    image_key = next((n for n in ("image", "jpg", "png", "webp") if n in names), None)
+    if image_key is None and "file_name" not in names:
+        raise IngestError(
+            f"{path}: no image column; expected 'image' (bytes or {{bytes, path}}) or"
+            f" 'file_name' (a path), found {names}"
+        )
+    index = 0
+    for batch in pf.iter_batches(batch_size=256):
+        for record in batch.to_pylist():
+            row = SourceRow(source=f"{path.name}:row {index}")
+            index += 1
+            row.caption, row.read_error = _caption_value(record, caption_key)
+            row.split = record.pop("split", None)
+            image = record.pop(image_key, None) if image_key else None
+            if isinstance(image, dict):  # datasets' Image feature: {bytes, path}
+                image = image.get("bytes") or image.get("path")
+            name = image if isinstance(image, str) else record.pop("file_name", None)
+            row.metadata = {k: v for k, v in record.items() if _jsonable(v)}
+            if row.read_error is None:
+                if isinstance(image, bytes):
+                    row.image = image
+                else:
+                    _load_file(row, real_root, path.parent, name)
+            yield row
 
 
 def read_webdataset(source: Path, caption_column: str | None) -> Iterator[SourceRow]:
@@ -188,6 +196,8 @@ def _webdataset_samples(tar: tarfile.TarFile, shard: str, caption_ext: str) -> I
     # WebDataset groups consecutive members by key: the name up to the first dot of the basename.
     key, parts = None, {}
     for member in tar:
+        if member.isdir():
+            continue  # `tar -cf x.tar folder/` stores the folder itself: not a sample
         folder, _, base = member.name.rpartition("/")
         stem, _, ext = base.partition(".")
         member_key = f"{folder}/{stem}" if folder else stem
@@ -239,31 +249,34 @@ def _metadata_files(root: Path) -> list[Path]:
 
 
 def _jsonl_records(meta: Path, caption_column: str | None):
-    """Yield (ref, record, caption_utf8, error) for each non-blank line."""
+    """Yield (ref, record, error) for each non-blank line."""
     with open(meta, "rb") as f:
         for number, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
-            text, utf8 = _decode_utf8(raw)
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
+            # Invalid bytes become lone surrogates, so the caption alone is judged on them.
+            text = raw.decode("utf-8", errors="surrogateescape")
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as err:
-                yield f"line {number}", None, utf8, f"malformed JSON line ({err.msg})"
+                yield f"line {number}", None, f"malformed JSON line ({err.msg})"
                 continue
             if not isinstance(record, dict):
-                yield f"line {number}", None, utf8, "line is not a JSON object"
+                yield f"line {number}", None, "line is not a JSON object"
                 continue
             # JSON lines have no header: the caption field is chosen per row, so a row
             # without one is quarantined wherever it stands in the file.
             found = [name for name in CAPTION_COLUMNS if name in record]
             record["__caption_key__"] = caption_column or (found[0] if found else "text")
-            yield f"line {number}", record, utf8, None
+            yield f"line {number}", record, None
 
 
 def _csv_records(meta: Path, caption_column: str | None):
     # newline="" lets the csv module handle quoted commas and newlines (RFC 4180);
     # surrogateescape keeps invalid UTF-8 visible per row instead of failing the file.
-    with open(meta, encoding="utf-8", errors="surrogateescape", newline="") as f:
+    with open(meta, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(f, restkey="__extra__")
         header = reader.fieldnames or []
         if "file_name" not in header:
@@ -273,14 +286,10 @@ def _csv_records(meta: Path, caption_column: str | None):
             ref = f"row {number}"
             if "__extra__" in record or None in record.values():
                 error = f"row has a different number of fields than the header ({len(header)})"
-                yield ref, None, True, error
+                yield ref, None, error
                 continue
-            utf8 = True
-            for key, value in record.items():
-                fixed, ok = _repair_surrogates(value)
-                record[key], utf8 = fixed, utf8 and ok
             record["__caption_key__"] = caption_key
-            yield ref, record, utf8, None
+            yield ref, record, None  # invalid bytes stay as surrogates, judged per field
 
 
 def _pick_caption_column(names: list[str], wanted: str | None, where: str) -> str:
@@ -355,6 +364,11 @@ def _jsonable(value: Any) -> bool:
 def canonical_row(
     row_id: int, row: SourceRow, data: DataConfig, first_of: dict[str, int]
 ) -> dict[str, Any]:
+    if row.split is not None and not isinstance(row.split, str):
+        row.read_error = row.read_error or f"split {row.split!r} is not text"
+        row.split = None
+    # Names from non-UTF-8 file systems or tar headers carry lone surrogates.
+    source = _repair_surrogates(row.source)[0]
     sha = hashlib.sha256(row.image).hexdigest() if row.image is not None else None
     image, facts = (None, {}) if row.image is None else decode_image(row.image, data)
     has_caption = row.caption is not None
@@ -368,8 +382,10 @@ def canonical_row(
         duplicate_of = None if duplicate_of == row_id else duplicate_of
     return {
         "row_id": row_id,
-        "source": row.source,
-        "split": row.split or _hash_split(sha or row.source, data.validation_fraction),
+        "source": source,
+        "split": _repair_surrogates(row.split)[0]
+        if row.split
+        else _hash_split(sha or source, data.validation_fraction),
         "caption": caption if has_caption else None,
         "sha256": sha,
         "image": image,
@@ -438,6 +454,9 @@ def decode_image(raw: bytes, data: DataConfig) -> tuple[bytes | None, dict[str, 
     except (OSError, SyntaxError, ValueError) as err:
         facts["decode_error"] = f"cannot decode: {err}"
         return None, facts
+    except Exception as err:  # a corrupt file can trip any decoder (TIFF: TypeError)
+        facts["decode_error"] = f"cannot decode: {type(err).__name__}: {err}"
+        return None, facts
     width, height = im.size
     aspect = max(width, height) / min(width, height)
     facts.update(decodable=True, width=width, height=height, aspect_ratio=aspect)
@@ -445,7 +464,11 @@ def decode_image(raw: bytes, data: DataConfig) -> tuple[bytes | None, dict[str, 
     if fast and im.size == (size, size):
         return raw, facts  # already canonical: keep the source bytes, skip re-encoding
     buf = io.BytesIO()
-    _resize_crop(_to_rgb(im), size).save(buf, format="PNG", compress_level=1)
+    try:
+        _resize_crop(_to_rgb(im), size).save(buf, format="PNG", compress_level=1)
+    except Exception as err:  # a mode Pillow decodes but cannot convert
+        facts.update(decodable=False, decode_error=f"cannot convert {im.mode} to RGB: {err}")
+        return None, facts
     return buf.getvalue(), facts
 
 
@@ -457,7 +480,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         im = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     if im.mode == "F":
         im = Image.fromarray(np.clip(np.asarray(im) * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if im.mode == "P" and "transparency" in im.info:
+    if im.mode in ("P", "L", "RGB") and "transparency" in im.info:  # palette or tRNS key
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         # Composite transparency over white, the way a viewer shows it.

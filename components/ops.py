@@ -75,10 +75,10 @@ def validate_op(
     validated: Output[Dataset],
     report: Output[HTML],
     metrics: Output[Metrics],
-) -> bool:
+):
     """Great Expectations over every shard: accepted shards, quarantine, Data Docs, report.
 
-    Fails the step when the quarantine or split-balance gate fails; returns True otherwise.
+    Fails the step when the quarantine or split-balance gate fails.
     """
     import shutil
     from pathlib import Path
@@ -93,4 +93,3 @@ def validate_op(
     for key in ("rows_in", "accepted", "quarantined", "quarantine_fraction"):
         metrics.log_metric(key, result[key])
     validated.metadata.update(accepted=result["accepted"], data_digest=result["data_digest"])
-    return result["passed"]

@@ -20,6 +20,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 MANIFEST = "manifest.json"
+
+
+class ShardFormatError(ValueError):
+    """A data set folder that is not (or no longer) in the canonical shard format."""
+
+
 FORMAT_VERSION = 1
 
 # Facts are what validation looks at; the rest is the row itself.
@@ -116,7 +122,7 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
             f"{path}: no manifest; point at a folder written by `parti data ingest`"
         ) from None
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
+        raise ShardFormatError(
             f"{path}: shard format {manifest.get('format_version')!r}, expected {FORMAT_VERSION};"
             " re-run `parti data ingest`"
         )
@@ -131,11 +137,8 @@ def iter_shards(data_dir: str | Path, columns: list[str] | None = None) -> Itera
 
 
 def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def write_json(path: str | Path, body: Any) -> None:

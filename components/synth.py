@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from parti_ops.components.progress import track
-from parti_ops.model.config import DataConfig
+from parti_ops.model.config import ConfigError, DataConfig
 from parti_ops.model.scenes import describe, render, sample_scene
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def split_sizes(data: DataConfig) -> dict[str, int]:
     validation = max(1, round(data.num_images * data.validation_fraction))
     train = data.num_images - test - validation
     if train < 1:
-        raise ValueError(
+        raise ConfigError(
             f"data.num_images={data.num_images} leaves no training images after "
             f"{validation} validation and {test} test images"
         )
@@ -45,7 +45,7 @@ def synthesize(out_dir: str | Path, data: DataConfig) -> dict[str, Any]:
 
     Args:
         out_dir: the folder to fill. It must be missing, empty, or hold only an earlier
-            synthetic set (which is replaced); anything else raises ValueError.
+            synthetic set (which is replaced); anything else raises FileExistsError.
         data: size, image side, seed and split fractions.
 
     Returns:
@@ -85,13 +85,13 @@ def synthesize(out_dir: str | Path, data: DataConfig) -> dict[str, Any]:
 def _clear(out: Path) -> None:
     """Make `out` an empty folder, deleting only what an earlier `synthesize` wrote there."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} is a file, not a folder for the synthetic data set")
+        raise NotADirectoryError(f"{out} is a file, not a folder for the synthetic data set")
     if not out.exists():
         out.mkdir(parents=True)
         return
     entries = list(out.iterdir())
     if not all(_is_own_split(entry) for entry in entries):
-        raise ValueError(
+        raise FileExistsError(
             f"{out} is not empty and holds more than an earlier synthetic data set; "
             "refusing to overwrite it (choose an empty or new folder)"
         )

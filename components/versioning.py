@@ -33,11 +33,8 @@ def dvc_md5(path: str | Path) -> str:
 
 
 def _file_md5(path: Path) -> str:
-    digest = hashlib.md5()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def git_sha(repo: str | Path = ".") -> str:

@@ -150,8 +150,7 @@ class Config:
     @classmethod
     def from_json(cls, text: str) -> Config:
         """Inverse of `to_json`: how pipeline components receive the config."""
-        tree = json.loads(text)
-        return cls.from_name(tree.get("name", "tiny")).merge(tree)
+        return cls().merge(json.loads(text))  # the JSON holds every field, the name too
 
     def flat(self) -> dict[str, Any]:
         """`{"data.image_size": 64, ...}`: the form logged as MLflow params."""

@@ -53,11 +53,13 @@ def _clear_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from parti_ops.components.ingest import IngestError
+        from parti_ops.components.shards import ShardFormatError
         from parti_ops.components.validate import DataValidationError
 
+        expected = (ConfigError, IngestError, ShardFormatError, DataValidationError, OSError)
         try:
             return command(*args, **kwargs)
-        except (ConfigError, IngestError, DataValidationError, FileNotFoundError) as err:
+        except expected as err:
             console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
@@ -131,8 +133,9 @@ def data_ingest(
     """
     from parti_ops.components.ingest import ingest_step
 
-    extra = [f"data.caption_column={caption_column}"] if caption_column else []
-    cfg = _load(preset, config, [*(overrides or []), *extra])
+    cfg = _load(preset, config, overrides)
+    if caption_column:  # a column name, taken as it is (not parsed as YAML like --set)
+        cfg = cfg.merge({"data.caption_column": caption_column})
     manifest = ingest_step(cfg.to_json(), "", str(source), str(out))
     console.print(
         f"{manifest['rows']} rows in {len(manifest['shards'])} shards: {out.resolve()}\n"

@@ -84,7 +84,7 @@ def test_refuses_a_folder_with_other_files(tmp_path, stray):
     synthesize(tmp_path, DataConfig(num_images=20))
     (tmp_path / stray).parent.mkdir(exist_ok=True)
     (tmp_path / stray).write_text("keep me")
-    with pytest.raises(ValueError, match=str(tmp_path)):
+    with pytest.raises(FileExistsError, match=str(tmp_path)):
         synthesize(tmp_path, DataConfig(num_images=20))
     assert (tmp_path / stray).read_text() == "keep me"
 
