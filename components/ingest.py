@@ -58,7 +58,6 @@ class SourceRow:
     source: str  # where it came from: "train/metadata.jsonl:12", "00000.tar:000042"
     image: bytes | None = None
     caption: str | None = None
-    caption_utf8: bool = True
     split: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     read_error: str | None = None
@@ -234,7 +233,8 @@ def _webdataset_row(
     if raw is None:
         row.read_error = row.read_error or f"sample has no .{caption_ext} caption"
     else:
-        row.caption, row.caption_utf8 = _decode_utf8(raw)
+        # Invalid bytes stay as lone surrogates: canonical_row judges and repairs them.
+        row.caption = raw.decode("utf-8", errors="surrogateescape")
     return row
 
 
@@ -338,13 +338,6 @@ def _load_file(row: SourceRow, real_root: Path, folder: Path, name: Any) -> None
         row.read_error = f"cannot read {name}: {err.strerror or err}"
 
 
-def _decode_utf8(raw: bytes) -> tuple[str, bool]:
-    try:
-        return raw.decode("utf-8"), True
-    except UnicodeDecodeError:
-        return raw.decode("utf-8", errors="replace"), False
-
-
 def _repair_surrogates(value: str) -> tuple[str, bool]:
     try:
         value.encode("utf-8")
@@ -402,7 +395,7 @@ def canonical_row(
         "mode": facts.get("mode"),
         "caption_chars": len(caption) if has_caption else None,
         "caption_words": len(caption.split()) if has_caption else None,
-        "caption_utf8": (row.caption_utf8 and utf8) if has_caption else None,
+        "caption_utf8": utf8 if has_caption else None,
         "caption_control_chars": _has_control_chars(caption) if has_caption else None,
         "duplicate_of": duplicate_of,
     }
