@@ -34,6 +34,7 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/data.py
+	$(BIN)/python bench/tokenizer.py
 
 compile: install  ## refresh the committed pipeline YAML
 	$(BIN)/parti pipeline compile --out pipelines/parti_pipeline.yaml

@@ -7,7 +7,7 @@ Each body imports what it needs, as kfp requires of lightweight components.
 """
 
 from kfp import dsl
-from kfp.dsl import HTML, Dataset, Input, Metrics, Output
+from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
 from parti_ops.components import COMPONENT_IMAGE
 
@@ -93,3 +93,95 @@ def validate_op(
     for key in ("rows_in", "accepted", "quarantined", "quarantine_fraction"):
         metrics.log_metric(key, result[key])
     validated.metadata.update(accepted=result["accepted"], data_digest=result["data_digest"])
+
+
+@dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+def text_tokenizer_op(
+    config_json: str,
+    parent_run_id: str,
+    validated: Input[Dataset],
+    text_tokenizer: Output[Model],
+    metrics: Output[Metrics],
+):
+    """Train the caption tokenizer (a transformers fast tokenizer folder) on the train captions."""
+    from pathlib import Path
+
+    from parti_ops.components.tokenizers import text_tokenizer_step
+
+    accepted = str(Path(validated.path) / "accepted")
+    report = text_tokenizer_step(config_json, parent_run_id, accepted, text_tokenizer.path)
+    for key in ("vocab_size", "truncated", "truncated_fraction", "unk_fraction"):
+        metrics.log_metric(key, report[key])
+    text_tokenizer.metadata.update(digest=report["digest"], vocab_size=report["vocab_size"])
+
+
+@dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+def image_tokenizer_op(
+    config_json: str,
+    parent_run_id: str,
+    validated: Input[Dataset],
+    image_tokenizer: Output[Model],
+    metrics: Output[Metrics],
+    reconstructions: Output[HTML],
+):
+    """Train the VQGAN image tokenizer; score it on the held-out split.
+
+    A retry of this task resumes from the checkpoints its earlier attempt left in the
+    output folder (on a cluster: a preempted pod, exit code 143).
+    """
+    import base64
+    from pathlib import Path
+
+    from parti_ops.components.tokenizers import GRID, image_tokenizer_step
+    from parti_ops.model.checkpoint import CheckpointError, list_checkpoints
+
+    out = Path(image_tokenizer.path)
+    resume = bool(list_checkpoints(out / "checkpoints"))
+    accepted = str(Path(validated.path) / "accepted")
+    try:
+        result = image_tokenizer_step(config_json, parent_run_id, accepted, str(out), resume=resume)
+    except CheckpointError as err:
+        raise SystemExit(f"image tokenizer: {err}") from None
+    scores = {k: v for k, v in result.items() if isinstance(v, float)}
+    for key, value in scores.items():
+        metrics.log_metric(key, value)
+    image_tokenizer.metadata.update(digest=result["digest"], heldout_split=result["split"])
+    png = base64.b64encode((out / GRID).read_bytes()).decode()
+    rows = "".join(f"<tr><td>{k}</td><td>{v:.4g}</td></tr>" for k, v in scores.items())
+    Path(reconstructions.path).write_text(
+        f"<h3>Held-out reconstructions ({result['split']}): original | reconstruction</h3>"
+        f'<img src="data:image/png;base64,{png}" style="image-rendering:pixelated;width:100%">'
+        f"<table>{rows}</table>",
+        encoding="utf-8",
+    )
+
+
+@dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+def encode_op(
+    config_json: str,
+    parent_run_id: str,
+    validated: Input[Dataset],
+    text_tokenizer: Input[Model],
+    image_tokenizer: Input[Model],
+    encoded: Output[Dataset],
+):
+    """Turn every accepted image into its code grid and every caption into token ids."""
+    from pathlib import Path
+
+    from parti_ops.components.encode import encode_step
+
+    accepted = str(Path(validated.path) / "accepted")
+    manifest = encode_step(
+        config_json,
+        parent_run_id,
+        accepted,
+        text_tokenizer.path,
+        image_tokenizer.path,
+        encoded.path,
+    )
+    encoded.metadata.update(
+        rows=manifest["rows"],
+        data_digest=manifest["data_digest"],
+        text_tokenizer_digest=manifest["text_tokenizer"]["digest"],
+        image_tokenizer_digest=manifest["image_tokenizer"]["digest"],
+    )

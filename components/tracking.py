@@ -60,14 +60,15 @@ class Run:
         metrics: Mapping[str, float] | None = None,
         params: Mapping[str, Any] | None = None,
         tags: Mapping[str, Any] | None = None,
+        step: int = 0,
     ) -> None:
-        """Log metrics, params and tags in one batch."""
+        """Log metrics (at training step `step`), params and tags in one batch."""
         from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
         self.client.log_batch(
             self.run_id,
-            metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
+            metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items()],
             params=[Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in (params or {}).items()],
             tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
         )
@@ -126,7 +127,8 @@ def end_pipeline_run(config: Config, pipeline_run_id: str, *, failed: bool = Fal
 def step_run(config: Config, step: str, parent_run_id: str = "") -> Iterator[Run]:
     """A nested run for one step under `parent_run_id` (a top-level run when it is empty).
 
-    The run ends FINISHED when the block completes and FAILED when it raises.
+    The run ends FINISHED when the block completes, KILLED when the step was preempted
+    (SystemExit 143 after a SIGTERM checkpoint; a retry resumes it) and FAILED otherwise.
     """
     client, experiment_id = client_for(config)
     tags = {"mlflow.runName": step, "parti.step": step, "parti.preset": config.name}
@@ -139,6 +141,9 @@ def step_run(config: Config, step: str, parent_run_id: str = "") -> Iterator[Run
     run = Run(client, created.info.run_id, parent)
     try:
         yield run
+    except SystemExit as stop:
+        client.set_terminated(run.run_id, status="KILLED" if stop.code == 143 else "FAILED")
+        raise
     except BaseException:
         client.set_terminated(run.run_id, status="FAILED")
         raise

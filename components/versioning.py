@@ -63,3 +63,13 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
+
+
+def files_digest(folder: str | Path, names: list[str]) -> str:
+    """sha256 over named files of a folder (name, then bytes): the version of a saved model."""
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        digest.update(name.encode() + b"\0")
+        with open(Path(folder) / name, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()

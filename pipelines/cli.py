@@ -17,7 +17,13 @@ app = typer.Typer(help="parti-ops: train, evaluate, promote and serve a Parti-st
 data_app = typer.Typer(help="Data: synthetic set, ingest, validation.")
 config_app = typer.Typer(help="Configuration presets.")
 pipeline_app = typer.Typer(help="The Kubeflow pipeline.")
+tokenizer_app = typer.Typer(help="Tokenizers: captions to token ids, images to code grids.")
+text_tokenizer_app = typer.Typer(help="The caption tokenizer (Hugging Face tokenizers).")
+image_tokenizer_app = typer.Typer(help="The image tokenizer (VQGAN).")
+tokenizer_app.add_typer(text_tokenizer_app, name="text")
+tokenizer_app.add_typer(image_tokenizer_app, name="image")
 app.add_typer(data_app, name="data")
+app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(config_app, name="config")
 app.add_typer(pipeline_app, name="pipeline")
 
@@ -52,11 +58,21 @@ def _clear_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from parti_ops.components.encode import EncodedFormatError
         from parti_ops.components.ingest import IngestError
         from parti_ops.components.shards import ShardFormatError
         from parti_ops.components.validate import DataValidationError
+        from parti_ops.model.checkpoint import CheckpointError
 
-        expected = (ConfigError, IngestError, ShardFormatError, DataValidationError, OSError)
+        expected = (
+            ConfigError,
+            IngestError,
+            ShardFormatError,
+            DataValidationError,
+            CheckpointError,
+            EncodedFormatError,
+            OSError,
+        )
         try:
             return command(*args, **kwargs)
         except expected as err:
@@ -169,6 +185,106 @@ def data_validate(
     )
 
 
+Accepted = Annotated[
+    Path,
+    typer.Option(
+        "--data", help="Accepted shards (the accepted/ folder `parti data validate` wrote)."
+    ),
+]
+
+
+@text_tokenizer_app.command("train")
+@_clear_errors
+def tokenizer_text_train(
+    data: Accepted = Path("outputs/validated/accepted"),
+    out: Annotated[Path, typer.Option(help="Folder for the tokenizer.")] = Path(
+        "outputs/text_tokenizer"
+    ),
+    preset: Preset = "tiny",
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+) -> None:
+    """Train the caption tokenizer on the train split's captions.
+
+    The folder loads with transformers.AutoTokenizer.from_pretrained(out). Same captions
+    and config, same files.
+    """
+    from parti_ops.components.tokenizers import text_tokenizer_step
+
+    cfg = _load(preset, config, overrides)
+    report = text_tokenizer_step(cfg.to_json(), "", str(data), str(out))
+    _print_paths(
+        f"text tokenizer: {report['vocab_size']} tokens, {report['truncated']} of"
+        f" {report['train_captions']} captions longer than {report['max_length']} tokens",
+        {"tokenizer": out.resolve()},
+    )
+
+
+@image_tokenizer_app.command("train")
+@_clear_errors
+def tokenizer_image_train(
+    data: Accepted = Path("outputs/validated/accepted"),
+    out: Annotated[Path, typer.Option(help="Folder for the model and its checkpoints.")] = Path(
+        "outputs/image_tokenizer"
+    ),
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the newest good checkpoint in OUT/checkpoints.")
+    ] = False,
+    preset: Preset = "tiny",
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+) -> None:
+    """Train the VQGAN image tokenizer, then score it on the held-out split.
+
+    Checkpoints are written atomically every image_tokenizer.checkpoint_every steps. On
+    SIGTERM it checkpoints and exits with code 143; run again with --resume to continue.
+    """
+    from parti_ops.components.tokenizers import GRID, IMAGE_REPORT, image_tokenizer_step
+
+    cfg = _load(preset, config, overrides)
+    metrics = image_tokenizer_step(cfg.to_json(), "", str(data), str(out), resume=resume)
+    _print_paths(
+        f"image tokenizer on {metrics['split']}: PSNR {metrics['psnr']:.2f} dB, SSIM"
+        f" {metrics['ssim']:.3f}, codebook usage {100 * metrics['codebook_usage']:.1f}%"
+        + (
+            f", oracle exact {100 * metrics['oracle_exact']:.1f}%"
+            if "oracle_exact" in metrics
+            else ""
+        ),
+        {
+            "model": out.resolve(),
+            "held-out metrics": (out / IMAGE_REPORT).resolve(),
+            "reconstructions": (out / GRID).resolve(),
+        },
+    )
+
+
+@tokenizer_app.command("encode")
+@_clear_errors
+def tokenizer_encode(
+    data: Accepted = Path("outputs/validated/accepted"),
+    text: Annotated[Path, typer.Option(help="Caption tokenizer folder.")] = Path(
+        "outputs/text_tokenizer"
+    ),
+    image: Annotated[Path, typer.Option(help="Image tokenizer folder.")] = Path(
+        "outputs/image_tokenizer"
+    ),
+    out: Annotated[Path, typer.Option(help="Folder for the encoded shards.")] = Path(
+        "outputs/encoded"
+    ),
+    preset: Preset = "tiny",
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+) -> None:
+    """Encode every accepted row: images to code grids, captions to token ids (uint16)."""
+    from parti_ops.components.encode import encode_step
+
+    cfg = _load(preset, config, overrides)
+    manifest = encode_step(cfg.to_json(), "", str(data), str(text), str(image), str(out))
+    rows = ", ".join(f"{k} {v['rows']}" for k, v in manifest["splits"].items())
+    _print_paths(f"encoded {manifest['rows']} rows ({rows})", {"encoded": out.resolve()})
+
+
 @app.command("run")
 @_clear_errors
 def run(
@@ -196,6 +312,9 @@ def run(
             "quarantine": result.quarantine,
             "validation report": result.report,
             "Data Docs": result.data_docs,
+            "text tokenizer": result.text_tokenizer,
+            "image tokenizer": result.image_tokenizer,
+            "encoded data": result.encoded,
             "MLflow store": result.tracking_uri,
         },
     )

@@ -1,6 +1,7 @@
 """The parti-ops pipeline: wiring only. Each step is a component from `components/`.
 
-    source ─► ingest ─► validate ─► (tokenizers, training, evaluation, serving: later steps)
+    source ─► ingest ─► validate ─┬─► text tokenizer ──┬─► encode ─► (decoder training,
+                                  └─► image tokenizer ─┘             evaluation, serving)
     (the synthetic set is drawn by the ingest step when no source is given)
 
 The same pipeline function runs on this machine with `kfp.local` and compiles to
@@ -16,7 +17,15 @@ from pathlib import Path
 
 from kfp import compiler, dsl
 
-from parti_ops.components.ops import end_run_op, ingest_op, start_run_op, validate_op
+from parti_ops.components.ops import (
+    encode_op,
+    end_run_op,
+    image_tokenizer_op,
+    ingest_op,
+    start_run_op,
+    text_tokenizer_op,
+    validate_op,
+)
 from parti_ops.components.versioning import git_sha
 from parti_ops.model.config import Config
 
@@ -58,8 +67,20 @@ def parti_pipeline(
         start.set_caching_options(False)  # a fresh parent run every time
         parent = start.output
         ingest = ingest_op(config_json=config_json, parent_run_id=parent, source=source)
-        validate_op(
+        validate = validate_op(
             config_json=config_json, parent_run_id=parent, canonical=ingest.outputs["canonical"]
+        )
+        validated = validate.outputs["validated"]
+        text = text_tokenizer_op(config_json=config_json, parent_run_id=parent, validated=validated)
+        image = image_tokenizer_op(
+            config_json=config_json, parent_run_id=parent, validated=validated
+        )
+        encode_op(
+            config_json=config_json,
+            parent_run_id=parent,
+            validated=validated,
+            text_tokenizer=text.outputs["text_tokenizer"],
+            image_tokenizer=image.outputs["image_tokenizer"],
         )
 
 
@@ -78,6 +99,9 @@ class LocalRun:
     quarantine: Path
     data_docs: Path
     report: Path
+    text_tokenizer: Path
+    image_tokenizer: Path
+    encoded: Path
     run_dir: Path
     tracking_uri: str
 
@@ -120,6 +144,9 @@ def run_local(config: Config, source: str | Path | None = None) -> LocalRun:
         quarantine=validated / "quarantine.jsonl",
         data_docs=validated / "data_docs" / "index.html",
         report=validated / "report.html",
+        text_tokenizer=run_dir / "text-tokenizer-op" / "text_tokenizer",
+        image_tokenizer=run_dir / "image-tokenizer-op" / "image_tokenizer",
+        encoded=run_dir / "encode-op" / "encoded",
         run_dir=run_dir,
         tracking_uri=config.mlflow_tracking_uri(),
     )

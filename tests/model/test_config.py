@@ -43,11 +43,25 @@ def test_int_given_for_a_float_field_is_converted():
         ("data=3", "is a section"),
         ("data.max_quarantine_fraction=2", "max_quarantine_fraction must be in"),
         ("nonsense", "use section.field=value"),
+        ("data.image_size=30", "multiple of image_tokenizer.downsample=4"),
+        ("image_tokenizer.downsample=3", "power of two"),
+        ("image_tokenizer.codebook_size=70000", "codebook_size=70000"),
+        ("image_tokenizer.codebook_dim=128", "codebook_dim=128: use 1..latent_dim"),
+        ("image_tokenizer.architecture=unet", "conv|vit"),
+        ("image_tokenizer.keep_checkpoints=1", "one to fall back on"),
+        ("text_tokenizer.vocab_size=100000", "vocab_size=100000"),
+        ("text_tokenizer.kind=wordpiece", "unigram|bpe"),
     ],
 )
 def test_bad_overrides_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message):
         Config.load("tiny", overrides=[override])
+
+
+def test_image_grid_follows_image_size_and_downsample():
+    config = Config.load("tiny", overrides={"data.image_size": 32, "image_tokenizer.downsample": 8})
+    assert config.image_grid == 4
+    assert PRESETS["tiny"].image_grid == 16
 
 
 def test_unreadable_yaml_names_the_file(tmp_path):

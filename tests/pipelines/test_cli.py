@@ -32,6 +32,8 @@ COMMANDS = sorted(_commands(get_command(app)))
 def test_the_command_tree():
     assert {("run",), ("data", "synth"), ("data", "ingest"), ("data", "validate")} <= set(COMMANDS)
     assert {("config", "show"), ("pipeline", "compile")} <= set(COMMANDS)
+    tokenizers = {("tokenizer", "text", "train"), ("tokenizer", "image", "train")}
+    assert tokenizers | {("tokenizer", "encode")} <= set(COMMANDS)
 
 
 @pytest.mark.parametrize("path", COMMANDS, ids=" ".join)
@@ -56,6 +58,10 @@ def test_config_show_applies_overrides():
         (["config", "show", "--set", "data.nope=1"], "unknown config key 'data.nope'"),
         (["data", "ingest", "/nonexistent/data"], "no such file or folder"),
         (["data", "validate", "/nonexistent/canonical"], "no manifest"),
+        (["tokenizer", "text", "train", "--data", "/nonexistent/accepted"], "no manifest"),
+        (["tokenizer", "image", "train", "--data", "/nonexistent/accepted"], "no manifest"),
+        (["tokenizer", "encode", "--data", "/nonexistent/accepted"], "no manifest"),
+        (["tokenizer", "image", "train", "--set", "image_tokenizer.downsample=5"], "power of two"),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(args, message):

@@ -22,8 +22,18 @@ def _runs(config: Config) -> dict[str, object]:
     return {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
 
 
+# The tiny preset, with a few image tokenizer steps so the whole run takes seconds.
+QUICK = {
+    "data.num_images": 200,
+    "image_tokenizer.steps": 4,
+    "image_tokenizer.gan_start": 2,
+    "image_tokenizer.batch_size": 8,
+    "image_tokenizer.channels": 8,
+}
+
+
 def test_local_run_writes_artifacts_and_nested_mlflow_runs(tmp_path):
-    config = Config.load("tiny", overrides={"work_dir": str(tmp_path), "data.num_images": 200})
+    config = Config.load("tiny", overrides={"work_dir": str(tmp_path), **QUICK})
     result = run_local(config)
 
     manifest = json.loads((result.canonical / "manifest.json").read_text())
@@ -38,7 +48,7 @@ def test_local_run_writes_artifacts_and_nested_mlflow_runs(tmp_path):
     runs = _runs(config)
     parent = next(r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags)
     assert parent.info.status == "FINISHED"
-    for step in ("synth", "ingest", "validate"):
+    for step in ("synth", "ingest", "validate", "text-tokenizer", "image-tokenizer", "encode"):
         assert runs[step].data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert runs[step].info.status == "FINISHED"
     digest = dvc_md5(result.run_dir / "ingest-op" / "raw")
@@ -47,6 +57,18 @@ def test_local_run_writes_artifacts_and_nested_mlflow_runs(tmp_path):
     assert parent.data.params["data.num_images"] == "200"
     assert parent.data.tags["version.mlflow"]
     assert runs["validate"].data.metrics["accepted"] == 200
+
+    encoded = json.loads((result.encoded / "manifest.json").read_text())
+    assert encoded["rows"] == 200 and encoded["data_digest"] == digest
+    assert encoded["grid"] == [16, 16]
+    assert (result.text_tokenizer / "tokenizer.json").exists()
+    assert (
+        encoded["image_tokenizer"]["digest"]
+        == (runs["image-tokenizer"].data.tags["image_tokenizer.digest"])
+    )
+    assert (result.image_tokenizer / "reconstructions.png").exists()
+    html = next(result.run_dir.glob("image-tokenizer-op/reconstructions*"))
+    assert "data:image/png;base64," in html.read_text()
 
 
 def test_failed_validation_fails_the_run_and_marks_mlflow_failed(tmp_path):

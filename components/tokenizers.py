@@ -1,0 +1,185 @@
+"""Pipeline steps that train the two tokenizers on the accepted data.
+
+`text_tokenizer_step` trains the caption tokenizer on the training captions;
+`image_tokenizer_step` trains the VQGAN on the training images and scores it on the
+held-out split (the `test` split when there is one: colour–shape pairs never seen in
+training). Each runs inside a nested MLflow run and writes its folder, which is what
+`parti tokenizer encode` and the later steps load.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from PIL import Image
+
+from parti_ops.components.shards import iter_shards, write_json
+from parti_ops.components.versioning import files_digest
+from parti_ops.model.scenes import Scene
+
+log = logging.getLogger(__name__)
+
+TEXT_FILES = ["tokenizer.json", "tokenizer_config.json"]
+IMAGE_FILES = ["model.safetensors", "config.json"]
+TEXT_REPORT = "training_report.json"
+IMAGE_REPORT = "heldout_metrics.json"
+GRID = "reconstructions.png"
+
+
+def iter_split(data_dir: str | Path, split: str, columns: list[str]) -> Iterator[pa.Table]:
+    """Each accepted shard's rows of `split`, with `columns`, in shard order."""
+    for table in iter_shards(data_dir, columns=sorted({*columns, "split"})):
+        rows = table.filter(pc.equal(table["split"], split))
+        if rows.num_rows:
+            yield rows
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """A canonical row's image bytes → uint8 (H, W, 3)."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def load_images(data_dir: str | Path, split: str) -> tuple[torch.Tensor, list[Scene | None]]:
+    """All images of a split as uint8 (N, H, W, 3), with each row's scene where it has one.
+
+    Synthetic rows carry their scene (background, objects) in `metadata`; rows from
+    other sources have None, and the oracle skips them.
+    """
+    images, scenes = [], []
+    for table in iter_split(data_dir, split, ["image", "metadata"]):
+        images += [decode_png(b) for b in table["image"].to_pylist()]
+        scenes += [_scene(m) for m in table["metadata"].to_pylist()]
+    if not images:
+        return torch.empty(0, 0, 0, 3, dtype=torch.uint8), []
+    return torch.from_numpy(np.stack(images)), scenes
+
+
+def _scene(metadata: str | None) -> Scene | None:
+    try:
+        return Scene.from_dict(json.loads(metadata or "{}"))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def heldout_split(data_dir: str | Path) -> str:
+    """The split to score tokenizers on: `test` if the data has one, else `validation`."""
+    from parti_ops.components.shards import read_manifest
+
+    splits = read_manifest(data_dir).get("splits") or {}
+    return "test" if splits.get("test") else "validation"
+
+
+def text_tokenizer_step(
+    config_json: str, parent_run_id: str, data_dir: str, out_dir: str
+) -> dict[str, Any]:
+    """Train the caption tokenizer on the `train` captions; save it and a report.
+
+    The report counts captions longer than `text_tokenizer.max_length` (they are cut
+    when encoded) and the share of `<unk>` tokens.
+    """
+    from parti_ops.components.tracking import step_run
+    from parti_ops.model.config import Config
+    from parti_ops.model.text_tokenizer import UNK, encode_captions, train_text_tokenizer
+
+    config = Config.from_json(config_json)
+    cfg = config.text_tokenizer
+    out = Path(out_dir)
+    with step_run(config, "text-tokenizer", parent_run_id) as run:
+        captions = [
+            caption or ""
+            for table in iter_split(data_dir, "train", ["caption"])
+            for caption in table["caption"].to_pylist()
+        ]
+        tokenizer = train_text_tokenizer(captions, cfg)
+        tokenizer.save_pretrained(out)
+        ids, lengths, truncated = encode_captions(tokenizer, captions, cfg.max_length)
+        unk = tokenizer.convert_tokens_to_ids(UNK)
+        report = {
+            "train_captions": len(captions),
+            "vocab_size": len(tokenizer),
+            "max_length": cfg.max_length,
+            "truncated": truncated,
+            "truncated_fraction": truncated / len(captions),
+            "mean_tokens": float(lengths.mean()),
+            "unk_fraction": float((ids == unk).sum() / lengths.sum()),
+            "digest": files_digest(out, TEXT_FILES),
+        }
+        write_json(out / TEXT_REPORT, report)
+        run.log(
+            metrics={k: v for k, v in report.items() if k != "digest"},
+            tags={"text_tokenizer.digest": report["digest"]},
+        )
+        run.log_artifact(out / TEXT_REPORT, "text_tokenizer")
+    if truncated:
+        log.warning(
+            "%d of %d training captions are longer than text_tokenizer.max_length=%d"
+            " tokens and will be cut",
+            truncated,
+            len(captions),
+            cfg.max_length,
+        )
+    log.info("text tokenizer: %d tokens, saved to %s", report["vocab_size"], out)
+    return report
+
+
+def image_tokenizer_step(
+    config_json: str, parent_run_id: str, data_dir: str, out_dir: str, *, resume: bool = False
+) -> dict[str, Any]:
+    """Train the VQGAN on the `train` images, then score it on the held-out split.
+
+    Writes the model (safetensors + config), `checkpoints/`, held-out metrics and a
+    reconstruction grid (original | reconstruction) into `out_dir`.
+    """
+    from parti_ops.components.progress import progress_bar
+    from parti_ops.components.tracking import step_run
+    from parti_ops.model.config import Config
+    from parti_ops.model.vqgan_train import evaluate_vqgan, reconstruction_grid, train_vqgan
+
+    config = Config.from_json(config_json)
+    cfg = config.image_tokenizer
+    out = Path(out_dir)
+    with step_run(config, "image-tokenizer", parent_run_id) as run:
+        images, _ = load_images(data_dir, "train")
+        if not len(images):
+            raise ValueError(f"{data_dir}: no accepted images in split 'train' to train on")
+        log.info("training the image tokenizer on %d images, %d steps", len(images), cfg.steps)
+        with progress_bar("image tokenizer") as update:
+            model = train_vqgan(
+                cfg,
+                images,
+                out,
+                resume=resume,
+                log_metrics=lambda metrics, step: run.log(metrics=metrics, step=step),
+                progress=update,
+            )
+        split = heldout_split(data_dir)
+        heldout, scenes = load_images(data_dir, split)
+        metrics, recon = evaluate_vqgan(model, heldout, scenes, cfg.eval_batch_size)
+        metrics = {"split": split, **metrics, "digest": files_digest(out, IMAGE_FILES)}
+        write_json(out / IMAGE_REPORT, metrics)
+        reconstruction_grid(heldout, recon).save(out / GRID)
+        run.log(
+            metrics={f"heldout/{k}": v for k, v in metrics.items() if isinstance(v, float)},
+            tags={"image_tokenizer.digest": metrics["digest"], "heldout.split": split},
+            step=cfg.steps,
+        )
+        run.log_artifact(out / IMAGE_REPORT, "image_tokenizer")
+        run.log_artifact(out / GRID, "image_tokenizer")
+    log.info(
+        "image tokenizer on %s: PSNR %.2f dB, codebook usage %.1f%%, saved to %s",
+        split,
+        metrics["psnr"],
+        100 * metrics["codebook_usage"],
+        out,
+    )
+    return metrics

@@ -1,0 +1,318 @@
+"""The image tokenizer: a VQGAN with ViT-VQGAN's factorised, l2-normalised codebook.
+
+Esser et al. 2021 (VQGAN: conv encoder/decoder, PatchGAN hinge loss) and Yu et al.
+2021 (ViT-VQGAN: Transformer encoder/decoder; codes looked up in a low-dimensional,
+l2-normalised space, which keeps the codebook used). The quantiser is
+`vector_quantize_pytorch.VectorQuantize`: cosine-similarity codebook, projection to
+`codebook_dim`, k-means init, EMA updates and dead-code re-seeding.
+
+Images are float tensors in [-1, 1], (B, 3, H, W); codes are int64 (B, h, w) with
+h = H / downsample.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from vector_quantize_pytorch import VectorQuantize
+
+from parti_ops.model.config import ImageTokenizerConfig
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(32, channels // 4), channels)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels_in: int, channels_out: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            _norm(channels_in),
+            nn.SiLU(),
+            nn.Conv2d(channels_in, channels_out, 3, padding=1),
+            _norm(channels_out),
+            nn.SiLU(),
+            nn.Conv2d(channels_out, channels_out, 3, padding=1),
+        )
+        self.skip = (
+            nn.Identity()
+            if channels_in == channels_out
+            else nn.Conv2d(channels_in, channels_out, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.skip(x) + self.body(x)
+
+
+def _widths(cfg: ImageTokenizerConfig) -> list[int]:
+    """Conv width at each resolution, full to coarsest: doubled per halving, at most 4x."""
+    levels = int(math.log2(cfg.downsample))
+    return [cfg.channels * min(2**i, 4) for i in range(levels + 1)]
+
+
+class ConvEncoder(nn.Module):
+    def __init__(self, cfg: ImageTokenizerConfig):
+        super().__init__()
+        widths = _widths(cfg)
+        layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, padding=1)]
+        for here, there in zip(widths, widths[1:], strict=False):
+            layers += [ResBlock(here, here) for _ in range(cfg.res_blocks)]
+            layers.append(nn.Conv2d(here, there, 4, stride=2, padding=1))  # halve H and W
+        layers += [ResBlock(widths[-1], widths[-1]), _norm(widths[-1]), nn.SiLU()]
+        layers.append(nn.Conv2d(widths[-1], cfg.latent_dim, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)  # (B, latent_dim, h, w)
+
+
+class ConvDecoder(nn.Module):
+    def __init__(self, cfg: ImageTokenizerConfig):
+        super().__init__()
+        widths = _widths(cfg)[::-1]
+        layers: list[nn.Module] = [
+            nn.Conv2d(cfg.latent_dim, widths[0], 3, padding=1),
+            ResBlock(widths[0], widths[0]),
+        ]
+        for here, there in zip(widths, widths[1:], strict=False):
+            layers += [nn.Upsample(scale_factor=2.0), nn.Conv2d(here, there, 3, padding=1)]
+            layers += [ResBlock(there, there) for _ in range(cfg.res_blocks)]
+        layers += [_norm(widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], 3, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.net(latents)  # (B, 3, H, W)
+
+
+class _ViT(nn.Module):
+    """Pre-norm Transformer over the h*w patch tokens with learned positions."""
+
+    def __init__(self, cfg: ImageTokenizerConfig, tokens: int):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, tokens, cfg.channels) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            cfg.channels,
+            cfg.vit_heads,
+            4 * cfg.channels,
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.blocks = nn.TransformerEncoder(layer, cfg.vit_depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg.channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.blocks(x + self.pos))  # (B, h*w, channels)
+
+
+class ViTEncoder(nn.Module):
+    def __init__(self, cfg: ImageTokenizerConfig, image_size: int):
+        super().__init__()
+        self.patch = nn.Conv2d(3, cfg.channels, cfg.downsample, stride=cfg.downsample)
+        self.vit = _ViT(cfg, (image_size // cfg.downsample) ** 2)
+        self.out = nn.Linear(cfg.channels, cfg.latent_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch(images)  # (B, C, h, w)
+        b, _, h, w = x.shape
+        x = self.out(self.vit(x.flatten(2).transpose(1, 2)))  # (B, h*w, latent_dim)
+        return x.transpose(1, 2).reshape(b, -1, h, w)
+
+
+class ViTDecoder(nn.Module):
+    def __init__(self, cfg: ImageTokenizerConfig, image_size: int):
+        super().__init__()
+        self.downsample = cfg.downsample
+        self.inp = nn.Linear(cfg.latent_dim, cfg.channels)
+        self.vit = _ViT(cfg, (image_size // cfg.downsample) ** 2)
+        self.out = nn.Linear(cfg.channels, 3 * cfg.downsample**2)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = latents.shape
+        x = self.out(self.vit(self.inp(latents.flatten(2).transpose(1, 2))))  # (B, h*w, 3*f*f)
+        x = x.transpose(1, 2).reshape(b, 3 * self.downsample**2, h, w)
+        return F.pixel_shuffle(x, self.downsample)  # (B, 3, H, W)
+
+
+class VQGAN(nn.Module):
+    """Encoder → factorised cosine-similarity quantiser → decoder.
+
+    Args:
+        config: the image tokenizer section of the config.
+        image_size: side of the (square) images it tokenizes.
+    """
+
+    def __init__(self, *, config: ImageTokenizerConfig, image_size: int):
+        super().__init__()
+        self.config = config
+        self.image_size = image_size
+        self.grid = image_size // config.downsample
+        if config.architecture == "vit":
+            self.encoder: nn.Module = ViTEncoder(config, image_size)
+            self.decoder: nn.Module = ViTDecoder(config, image_size)
+        else:
+            self.encoder, self.decoder = ConvEncoder(config), ConvDecoder(config)
+        self.quantizer = VectorQuantize(
+            dim=config.latent_dim,
+            codebook_size=config.codebook_size,
+            codebook_dim=config.codebook_dim,
+            use_cosine_sim=True,
+            decay=config.codebook_decay,
+            kmeans_init=config.kmeans_init,
+            threshold_ema_dead_code=config.dead_code_threshold,
+            commitment_weight=config.commitment_weight,
+            accept_image_fmap=True,
+        )
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images → (quantised latents (B, D, h, w), codes (B, h, w), commitment loss)."""
+        quantized, codes, commit = self.quantizer(self.encoder(images))
+        return quantized, codes, commit.sum()
+
+    def decode(self, quantized: torch.Tensor) -> torch.Tensor:
+        return self.decoder(quantized)
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (B, h, w) → images (B, 3, H, W) in about [-1, 1]."""
+        # The library's get_output_from_indices moves channels first before its output
+        # projection for image feature maps, so the lookup is done here channels last.
+        vectors = self.quantizer.project_out(self.quantizer.codebook[codes])  # (B, h, w, D)
+        return self.decode(vectors.permute(0, 3, 1, 2))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        quantized, codes, commit = self.encode(images)
+        return self.decode(quantized), codes, commit
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The decoder's output weights, where VQGAN balances the GAN and reconstruction grads."""
+        head = self.decoder.out if isinstance(self.decoder, ViTDecoder) else self.decoder.net[-1]
+        return head.weight
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Write `model.safetensors` and `config.json` (the section plus the image size)."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, out / WEIGHTS, metadata={"format": "pt"})
+        body = {"image_size": self.image_size, "image_tokenizer": _section(self.config)}
+        (out / CONFIG).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> VQGAN:
+        """Load a folder written by `save_pretrained` (safetensors only, nothing unpickled)."""
+        from safetensors.torch import load_file
+
+        folder = Path(path)
+        try:
+            body = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+            config = ImageTokenizerConfig(**body["image_tokenizer"])
+            model = cls(config=config, image_size=int(body["image_size"]))
+        except (OSError, KeyError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"{folder}: not an image tokenizer folder ({err}); "
+                "point at the output of `parti tokenizer image train`"
+            ) from err
+        model.load_state_dict(load_file(folder / WEIGHTS))
+        return model.eval()
+
+
+def _section(config: ImageTokenizerConfig) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(config)
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (Isola et al. 2017, as in VQGAN): one real/fake logit per overlapping patch.
+
+    GroupNorm instead of BatchNorm, so the result does not depend on the batch split.
+    """
+
+    def __init__(self, channels: int, layers: int = 3):
+        super().__init__()
+        body: list[nn.Module] = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        width = channels
+        for i in range(1, layers):
+            stride = 2 if i < layers - 1 else 1
+            body += [
+                nn.Conv2d(width, width * 2, 4, stride, 1),
+                _norm(width * 2),
+                nn.LeakyReLU(0.2),
+            ]
+            width *= 2
+        body.append(nn.Conv2d(width, 1, 4, 1, 1))
+        self.net = nn.Sequential(*body)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)  # (B, 1, h', w') logits
+
+
+class PerceptualLoss(nn.Module):
+    """LPIPS-style distance on the hidden states of a local Hugging Face vision model.
+
+    Any `AutoModel` folder whose forward takes `pixel_values` and returns hidden states
+    (CLIP vision, ViT, DINOv2, ...). Features are unit-normalised per position and
+    compared by mean squared difference, layer by layer (Zhang et al. 2018, unweighted).
+    """
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        folder = Path(path)
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"image_tokenizer.perceptual_model={path}: no such folder; give a local "
+                "Hugging Face vision model folder, or null to train without perceptual loss"
+            )
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        config = getattr(config, "vision_config", config)
+        model = AutoModel.from_pretrained(folder, local_files_only=True)
+        self.net = getattr(model, "vision_model", model).eval().requires_grad_(False)
+        self.size = int(getattr(config, "image_size", 224))
+        mean, std = _pixel_stats(folder)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        both = torch.cat([images, target]) * 0.5 + 0.5  # [-1, 1] → [0, 1]
+        both = F.interpolate(both, size=(self.size, self.size), mode="bilinear")
+        states = self.net(pixel_values=(both - self.mean) / self.std, output_hidden_states=True)
+        loss = images.new_zeros(())
+        for hidden in states.hidden_states[1:]:
+            a, b = F.normalize(hidden, dim=-1).chunk(2)
+            loss = loss + (a - b).pow(2).sum(-1).mean()
+        return loss / (len(states.hidden_states) - 1)
+
+
+def _pixel_stats(folder: Path) -> tuple[list[float], list[float]]:
+    """Normalisation from the folder's preprocessor_config.json, else 0.5 / 0.5."""
+    path = folder / "preprocessor_config.json"
+    if path.exists():
+        body = json.loads(path.read_text(encoding="utf-8"))
+        return list(body.get("image_mean", [0.5] * 3)), list(body.get("image_std", [0.5] * 3))
+    return [0.5] * 3, [0.5] * 3
+
+
+def to_unit(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) → float (B, 3, H, W) in [-1, 1]."""
+    return images_uint8.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float (B, 3, H, W) in [-1, 1] → uint8 (B, H, W, 3), rounded and clamped."""
+    pixels = images.detach().float().add(1.0).mul(127.5).round().clamp(0, 255)
+    return pixels.to(torch.uint8).permute(0, 2, 3, 1).contiguous()

@@ -1,0 +1,301 @@
+"""Training and evaluating the VQGAN image tokenizer, unattended and resumable.
+
+`train_vqgan` is deterministic on CPU for a given seed: the batch at step s is a
+function of (seed, s), and every other random draw (k-means init, dead-code
+re-seeding) comes from torch's global generator, whose state is checkpointed. So a
+run stopped by SIGTERM and resumed equals an uninterrupted one, bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from parti_ops.model.checkpoint import (
+    PREEMPTED_EXIT_CODE,
+    CheckpointError,
+    StopOnSigterm,
+    check_same_config,
+    latest_checkpoint,
+    list_checkpoints,
+    optimizer_tensors,
+    restore_optimizer,
+    save_checkpoint,
+)
+from parti_ops.model.config import ImageTokenizerConfig
+from parti_ops.model.scenes import Scene, compare, read_scene
+from parti_ops.model.vqgan import VQGAN, PatchDiscriminator, PerceptualLoss, to_uint8, to_unit
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+# Fields that shape the weights: a checkpoint made with others cannot be resumed.
+MODEL_FIELDS = {
+    "architecture", "downsample", "channels", "res_blocks", "vit_depth", "vit_heads",
+    "latent_dim", "codebook_size", "codebook_dim", "disc_channels", "image_size",
+}  # fmt: skip
+MetricsLogger = Callable[[dict[str, float], int], None]
+
+
+def batch_indices(step: int, batch_size: int, num_images: int, seed: int) -> torch.Tensor:
+    """Rows of the batch at `step`: epoch by epoch through a seeded permutation per epoch."""
+    positions = torch.arange(step * batch_size, (step + 1) * batch_size)
+    epochs, offsets = positions // num_images, positions % num_images
+    out = torch.empty(batch_size, dtype=torch.long)
+    for epoch in epochs.unique().tolist():
+        order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed + epoch))
+        here = epochs == epoch
+        out[here] = order[offsets[here]]
+    return out
+
+
+def lr_factor(step: int, config: ImageTokenizerConfig) -> float:
+    """Linear warm-up, then cosine decay to `min_lr_ratio`."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
+
+
+class _State:
+    """Everything a checkpoint holds, and how it goes to and from tensors + JSON."""
+
+    def __init__(self, config: ImageTokenizerConfig, image_size: int):
+        torch.manual_seed(config.seed)
+        self.config, self.image_size = config, image_size
+        self.model = VQGAN(config=config, image_size=image_size)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.disc = PatchDiscriminator(config.disc_channels)
+        # Adam with beta1 = 0.5, as VQGAN and ViT-VQGAN train their GANs.
+        self.opt_g = torch.optim.Adam(self.model.parameters(), lr=config.lr, betas=(0.5, 0.9))
+        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=config.lr, betas=(0.5, 0.9))
+        self.step = 0
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self.config), "image_size": self.image_size}
+
+    def tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        tensors |= {f"ema.{k}": v for k, v in self.ema.state_dict().items()}
+        tensors |= {f"disc.{k}": v for k, v in self.disc.state_dict().items()}
+        g_tensors, g_meta = optimizer_tensors("opt_g", self.opt_g)
+        d_tensors, d_meta = optimizer_tensors("opt_d", self.opt_d)
+        tensors |= g_tensors | d_tensors | {"rng.torch": torch.get_rng_state()}
+        meta = {"config": self.fingerprint(), "opt_g": g_meta, "opt_d": d_meta}
+        return tensors, meta
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        for prefix, module in (("model.", self.model), ("ema.", self.ema), ("disc.", self.disc)):
+            part = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            module.load_state_dict(part)
+        restore_optimizer("opt_g", self.opt_g, tensors, meta["opt_g"])
+        restore_optimizer("opt_d", self.opt_d, tensors, meta["opt_d"])
+        torch.set_rng_state(tensors["rng.torch"])
+        self.step = int(meta["step"])
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """EMA of the weights; buffers (the codebook, itself an EMA) are copied as they are."""
+        decay = self.config.ema_decay
+        for ema, live in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+            ema.lerp_(live, 1 - decay) if decay else ema.copy_(live)
+        for ema, live in zip(self.ema.buffers(), self.model.buffers(), strict=True):
+            ema.copy_(live)
+
+
+def train_vqgan(
+    config: ImageTokenizerConfig,
+    images: torch.Tensor,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    log_metrics: MetricsLogger | None = None,
+    log_every: int = 50,
+    progress: Callable[[int, int], None] | None = None,
+) -> VQGAN:
+    """Train on uint8 images (N, H, W, 3); returns the EMA model, also saved to `out_dir`.
+
+    Checkpoints go to `out_dir/checkpoints` every `checkpoint_every` steps, at the end,
+    and on SIGTERM (then SystemExit with code 143).
+
+    Args:
+        resume: continue from the newest good checkpoint; without it, existing
+            checkpoints are an error rather than silently overwritten.
+        log_metrics: called with (metrics, step) every `log_every` steps.
+        progress: called with (step, total) after each step.
+    """
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != torch.uint8:
+        raise ValueError(f"images: expected uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    out = Path(out_dir)
+    ckpt_dir = out / CHECKPOINTS
+    state = _State(config, images.shape[1])
+    if resume:
+        path, tensors, meta = latest_checkpoint(ckpt_dir)
+        check_same_config(meta["config"], state.fingerprint(), MODEL_FIELDS, path)
+        state.restore(tensors, meta)
+        log.info("resumed from %s (step %d of %d)", path, state.step, config.steps)
+    elif list_checkpoints(ckpt_dir):
+        raise CheckpointError(
+            f"{ckpt_dir} already holds checkpoints; pass --resume to continue that run,"
+            " or use another output folder"
+        )
+    if config.compile:
+        state.model.encoder.compile()
+        state.model.decoder.compile()
+    perceptual = PerceptualLoss(config.perceptual_model) if config.perceptual_model else None
+
+    def checkpoint() -> Path:
+        tensors, meta = state.tensors()
+        return save_checkpoint(ckpt_dir, state.step, tensors, meta, keep=config.keep_checkpoints)
+
+    state.model.train(), state.disc.train()
+    history: dict[str, list[float]] = {}
+    started, seen_at_start = time.perf_counter(), state.step
+    with StopOnSigterm() as stop:
+        while state.step < config.steps:
+            if stop.requested:
+                log.warning("preempted at step %d: checkpoint %s", state.step, checkpoint())
+                raise SystemExit(PREEMPTED_EXIT_CODE)
+            step = state.step
+            for opt in (state.opt_g, state.opt_d):
+                for group in opt.param_groups:
+                    group["lr"] = config.lr * lr_factor(step, config)
+            batch = to_unit(
+                images[batch_indices(step, config.batch_size, len(images), config.seed)]
+            )
+            metrics = _train_step(state, batch, perceptual, gan=step >= config.gan_start)
+            state.update_ema()
+            state.step += 1
+            for key, value in metrics.items():
+                history.setdefault(key, []).append(value)
+            if state.step % log_every == 0 or state.step == config.steps:
+                summary = {k: float(np.mean(v)) for k, v in history.items()}
+                elapsed = time.perf_counter() - started
+                summary["images_per_s"] = (state.step - seen_at_start) * config.batch_size / elapsed
+                summary["lr"] = config.lr * lr_factor(step, config)
+                if log_metrics:
+                    log_metrics(summary, state.step)
+                history.clear()
+            if state.step % config.checkpoint_every == 0 or state.step == config.steps:
+                checkpoint()
+            if progress:
+                progress(state.step, config.steps)
+    state.ema.eval().save_pretrained(out)
+    return state.ema
+
+
+def _train_step(
+    state: _State, x: torch.Tensor, perceptual: PerceptualLoss | None, *, gan: bool
+) -> dict[str, float]:
+    cfg, model, disc = state.config, state.model, state.disc
+    recon, codes, commit = model(x)
+    l1 = (recon - x).abs().mean()
+    l2 = (recon - x).pow(2).mean()
+    nll = cfg.l1_weight * l1 + cfg.l2_weight * l2
+    metrics = {"loss/l1": l1.item(), "loss/l2": l2.item()}
+    if perceptual is not None and cfg.perceptual_weight:
+        nll = nll + cfg.perceptual_weight * perceptual(recon, x)
+    loss = nll + commit
+    metrics["loss/commit"] = commit.item()
+    if gan and cfg.gan_weight:
+        g_loss = -disc(recon).mean()  # hinge GAN, generator side
+        # VQGAN's adaptive weight: the GAN gradient scaled to the reconstruction's at the
+        # decoder's last layer (Esser et al. 2021, eq. 7).
+        nll_grad = torch.autograd.grad(nll, model.last_layer, retain_graph=True)[0]
+        g_grad = torch.autograd.grad(g_loss, model.last_layer, retain_graph=True)[0]
+        d_weight = (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0, 1e4).detach()
+        loss = loss + cfg.gan_weight * d_weight * g_loss
+        metrics |= {"loss/g": g_loss.item(), "gan/adaptive_weight": d_weight.item()}
+    state.opt_g.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    state.opt_g.step()
+    if gan and cfg.gan_weight:
+        real, fake = disc(x), disc(recon.detach())
+        d_loss = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+        state.opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        state.opt_d.step()
+        metrics["loss/d"] = d_loss.item()
+    used = codes.unique().numel() / cfg.codebook_size
+    metrics |= {"loss/total": loss.item(), "codebook/batch_usage": used}
+    return metrics
+
+
+@torch.inference_mode()
+def reconstruct(
+    model: VQGAN, images: torch.Tensor, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (N, H, W, 3) → (uint8 reconstructions, codes (N, h, w))."""
+    model.eval()
+    recons, codes = [], []
+    for start in range(0, len(images), batch_size):
+        recon, code, _ = model(to_unit(images[start : start + batch_size]))
+        recons.append(to_uint8(recon))
+        codes.append(code)
+    return torch.cat(recons), torch.cat(codes)
+
+
+def evaluate_vqgan(
+    model: VQGAN,
+    images: torch.Tensor,
+    scenes: Sequence[Scene | None] | None = None,
+    batch_size: int = 128,
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Reconstruction metrics on held-out images; returns (metrics, reconstructions).
+
+    PSNR and SSIM (torchmetrics, on [0, 255]) per image, averaged; codebook usage (share
+    of codes used at least once) and perplexity (exp of the code entropy); and, where
+    `scenes` are known, the attribute oracle's exact accuracy on the reconstructions.
+    """
+    from torchmetrics.functional.image import (
+        peak_signal_noise_ratio,
+        structural_similarity_index_measure,
+    )
+
+    recon, codes = reconstruct(model, images, batch_size)
+    target, pred = images.permute(0, 3, 1, 2).float(), recon.permute(0, 3, 1, 2).float()
+    psnr = peak_signal_noise_ratio(
+        pred, target, data_range=255.0, reduction="none", dim=(1, 2, 3)
+    ).mean()
+    ssim = structural_similarity_index_measure(pred, target, data_range=255.0)
+    counts = torch.bincount(codes.flatten(), minlength=model.config.codebook_size).double()
+    probs = counts / counts.sum()
+    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
+    metrics = {
+        "psnr": float(psnr),
+        "ssim": float(ssim),
+        "codebook_usage": float((counts > 0).double().mean()),
+        "perplexity": float(entropy.exp()),
+        "images": float(len(images)),
+    }
+    if scenes is not None:
+        known = [(r, s) for r, s in zip(recon, scenes, strict=True) if s is not None]
+        if known:
+            results = [compare(read_scene(r.numpy()), s) for r, s in known]
+            for key in ("exact", "shape", "colour", "position", "size", "count", "background"):
+                metrics[f"oracle_{key}"] = float(np.mean([res[key] for res in results]))
+    return metrics, recon
+
+
+def reconstruction_grid(images: torch.Tensor, recon: torch.Tensor, pairs: int = 16) -> Image.Image:
+    """A PNG-ready grid: each row holds (original | reconstruction) pairs, 4 pairs a row."""
+    n = min(pairs, len(images))
+    cells = [torch.cat([images[i], recon[i]], dim=1) for i in range(n)]  # (H, 2W, 3)
+    per_row = 4
+    while len(cells) % per_row:
+        cells.append(torch.zeros_like(cells[0]))
+    rows = [torch.cat(cells[i : i + per_row], dim=1) for i in range(0, len(cells), per_row)]
+    return Image.fromarray(torch.cat(rows, dim=0).numpy())

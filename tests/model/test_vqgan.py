@@ -1,0 +1,215 @@
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from parti_ops.model.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from parti_ops.model.config import ImageTokenizerConfig
+from parti_ops.model.scenes import render, sample_scene
+from parti_ops.model.vqgan import VQGAN, PerceptualLoss, to_uint8, to_unit
+from parti_ops.model.vqgan_train import (
+    CHECKPOINTS,
+    batch_indices,
+    evaluate_vqgan,
+    lr_factor,
+    reconstruction_grid,
+    train_vqgan,
+)
+
+# A model small enough to train for a few steps in a second.
+TINY = ImageTokenizerConfig(
+    channels=8,
+    latent_dim=16,
+    codebook_size=32,
+    codebook_dim=4,
+    vit_heads=2,
+    vit_depth=1,
+    steps=6,
+    batch_size=4,
+    warmup_steps=2,
+    gan_start=3,
+    disc_channels=8,
+    checkpoint_every=2,
+    ema_decay=0.9,
+)
+
+
+def _images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    pictures = [
+        np.asarray(render(sample_scene(rng, heldout=False), image_size=size, rng=rng))
+        for _ in range(n)
+    ]
+    return torch.from_numpy(np.stack(pictures))
+
+
+@pytest.mark.parametrize("architecture", ["conv", "vit"])
+def test_codes_have_the_grid_shape_and_decode_back(architecture):
+    config = dataclasses.replace(TINY, architecture=architecture)
+    model = VQGAN(config=config, image_size=16).eval()
+    x = to_unit(_images(3))
+    with torch.no_grad():
+        quantized, codes, _ = model.encode(x)
+        assert codes.shape == (3, 4, 4) and codes.dtype == torch.int64
+        assert int(codes.min()) >= 0 and int(codes.max()) < config.codebook_size
+        from_codes = model.decode_codes(codes)
+        assert from_codes.shape == (3, 3, 16, 16)
+        torch.testing.assert_close(from_codes, model.decode(quantized), atol=1e-5, rtol=1e-5)
+
+
+def test_codebook_lookup_is_l2_normalised_in_the_low_dimensional_space():
+    model = VQGAN(config=TINY, image_size=16).train()
+    model(to_unit(_images(8)))  # k-means initialises the codebook on the first batch
+    codebook = model.quantizer.codebook  # (codebook_size, codebook_dim)
+    assert codebook.shape == (TINY.codebook_size, TINY.codebook_dim)
+    torch.testing.assert_close(codebook.norm(dim=-1), torch.ones(TINY.codebook_size))
+
+
+def test_pixel_conversions_round_trip():
+    images = _images(2)
+    unit = to_unit(images)
+    assert unit.shape == (2, 3, 16, 16) and unit.min() >= -1 and unit.max() <= 1
+    assert torch.equal(to_uint8(unit), images)
+
+
+def test_save_and_load_give_the_same_codes(tmp_path):
+    model = VQGAN(config=TINY, image_size=16).train()
+    model(to_unit(_images(8, seed=1)))  # codebook initialised, as after training
+    model.eval().save_pretrained(tmp_path)
+    loaded = VQGAN.from_pretrained(tmp_path)
+    x = to_unit(_images(4))
+    with torch.no_grad():
+        assert torch.equal(model.encode(x)[1], loaded.encode(x)[1])
+    assert json.loads((tmp_path / "config.json").read_text())["image_size"] == 16
+    with pytest.raises(ValueError, match="parti tokenizer image train"):
+        VQGAN.from_pretrained(tmp_path / "missing")
+
+
+def test_batches_visit_every_image_once_per_epoch():
+    seen = torch.cat([batch_indices(step, 4, 10, seed=3) for step in range(5)])  # 2 epochs
+    assert sorted(seen[:10].tolist()) == list(range(10))
+    assert sorted(seen[10:].tolist()) == list(range(10))
+    assert torch.equal(batch_indices(2, 4, 10, seed=3), batch_indices(2, 4, 10, seed=3))
+    assert not torch.equal(seen[:10], seen[10:])  # a new order each epoch
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    config = dataclasses.replace(TINY, steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    factors = [lr_factor(s, config) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:], strict=False))
+    assert lr_factor(100, config) == pytest.approx(0.1)
+
+
+def test_training_reduces_the_loss_and_saves_the_model(tmp_path):
+    images = _images(32)
+    config = dataclasses.replace(TINY, steps=40, gan_start=30, checkpoint_every=20, lr=3e-3)
+    logged: list[tuple[int, dict]] = []
+    model = train_vqgan(
+        config, images, tmp_path, log_metrics=lambda m, s: logged.append((s, m)), log_every=10
+    )
+    assert [s for s, _ in logged] == [10, 20, 30, 40]
+    assert logged[-1][1]["loss/l1"] < logged[0][1]["loss/l1"]
+    assert "loss/d" in logged[-1][1] and "loss/d" not in logged[0][1]  # GAN after gan_start
+    assert (tmp_path / "model.safetensors").is_file()
+    assert [p.name for p in list_checkpoints(tmp_path / CHECKPOINTS)] == [
+        "step-00000020.safetensors",
+        "step-00000040.safetensors",
+    ]
+    metrics, recon = evaluate_vqgan(model, images[:8], None, batch_size=3)
+    assert recon.shape == images[:8].shape and recon.dtype == torch.uint8
+    mse = (recon.double() - images[:8].double()).pow(2).mean(dim=(1, 2, 3))
+    assert metrics["psnr"] == pytest.approx(
+        float((10 * torch.log10(255**2 / mse)).mean()), rel=1e-4
+    )
+    assert 0 < metrics["codebook_usage"] <= 1 and 1 <= metrics["perplexity"] <= config.codebook_size
+    assert reconstruction_grid(images[:8], recon).size == (4 * 32, 2 * 16)
+
+
+def test_resumed_training_equals_uninterrupted_training(tmp_path):
+    images = _images(24)
+    whole = train_vqgan(TINY, images, tmp_path / "whole")
+    train_vqgan(dataclasses.replace(TINY, steps=3), images, tmp_path / "split")
+    resumed = train_vqgan(TINY, images, tmp_path / "split", resume=True)
+    assert (tmp_path / "whole" / "model.safetensors").read_bytes() == (
+        tmp_path / "split" / "model.safetensors"
+    ).read_bytes()
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_existing_checkpoints_need_resume_and_a_matching_config(tmp_path):
+    images = _images(8)
+    train_vqgan(dataclasses.replace(TINY, steps=2), images, tmp_path)
+    with pytest.raises(CheckpointError, match="--resume"):
+        train_vqgan(TINY, images, tmp_path)
+    with pytest.raises(CheckpointError, match="codebook_size: 32 in checkpoint, 64 now"):
+        train_vqgan(dataclasses.replace(TINY, codebook_size=64), images, tmp_path, resume=True)
+    with pytest.raises(CheckpointError, match="no checkpoints"):
+        train_vqgan(TINY, images, tmp_path / "empty", resume=True)
+
+
+def _two_checkpoints(folder):
+    for step in (1, 2):
+        save_checkpoint(folder, step, {"w": torch.full((64,), float(step))}, {"note": step}, keep=2)
+    return list_checkpoints(folder)
+
+
+def test_truncated_checkpoint_is_refused_and_the_earlier_one_still_loads(tmp_path):
+    older, newer = _two_checkpoints(tmp_path)
+    newer.write_bytes(newer.read_bytes()[:-100])  # as a crash mid-copy would leave it
+    with pytest.raises(CheckpointError, match=r"step-00000002.*unreadable.*truncated"):
+        load_checkpoint(newer)
+    path, tensors, meta = latest_checkpoint(tmp_path)
+    assert path == older and meta["step"] == 1 and torch.equal(tensors["w"], torch.ones(64))
+    assert newer.exists()  # refused, not deleted
+
+
+def test_corrupted_checkpoint_fails_its_checksum(tmp_path):
+    _, newer = _two_checkpoints(tmp_path)
+    data = bytearray(newer.read_bytes())
+    data[-1] ^= 0xFF  # a flipped bit in the tensor data, same size
+    newer.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_checkpoint(newer)
+    assert latest_checkpoint(tmp_path)[2]["step"] == 1
+
+
+def test_only_the_newest_checkpoints_are_kept_and_temp_files_ignored(tmp_path):
+    for step in range(5):
+        save_checkpoint(tmp_path, step, {"w": torch.zeros(2)}, {}, keep=2)
+    (tmp_path / ".step-00000009.safetensors.123.tmp").write_bytes(b"partial")
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
+        "step-00000003.safetensors",
+        "step-00000004.safetensors",
+    ]
+    assert latest_checkpoint(tmp_path)[2]["step"] == 4
+
+
+def test_perceptual_loss_runs_on_a_local_vision_model(tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    ViTModel(
+        ViTConfig(
+            image_size=16, patch_size=4, hidden_size=16, num_hidden_layers=2,
+            num_attention_heads=2, intermediate_size=32,
+        )
+    ).save_pretrained(tmp_path)  # fmt: skip
+    loss = PerceptualLoss(tmp_path)
+    a = to_unit(_images(2))
+    b = a.flip(-1).clone().requires_grad_(True)
+    assert float(loss(a, a)) == pytest.approx(0.0, abs=1e-6)
+    value = loss(b, a)
+    value.backward()
+    assert value.item() > 0 and b.grad is not None and b.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in loss.parameters())
+    with pytest.raises(FileNotFoundError, match="perceptual_model"):
+        PerceptualLoss(tmp_path / "nowhere")
