@@ -9,7 +9,8 @@ Each shard holds `row_id` (int64, N), `codes` (uint16, N × h × w), `text_ids` 
 N × max_length, padded with <pad>) and `text_lengths` (int64, N). The manifest records
 the grid, the vocabularies, each shard's sha256, the data digest and the digests of the
 two tokenizers that made them, so a decoder can check it is given matching codes.
-Work is streamed shard by shard: memory holds one shard, whatever the data set's size.
+Work is streamed shard by shard: memory holds one input shard and, per split, at most
+one output shard (`shard_size` rows, plus less than a batch), whatever the data set's size.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class EncodedFormatError(ValueError):
 
 
 class _SplitWriter:
-    """Buffers one split's encoded rows and writes them as fixed-size safetensors shards."""
+    """Buffers one split's encoded rows; writes a safetensors shard once `shard_size` is reached."""
 
     def __init__(self, out: Path, split: str, shard_size: int):
         self.out, self.split, self.shard_size = out, split, shard_size
@@ -97,6 +98,8 @@ def encode(
         raise EncodedFormatError(f"{text_dir}: {len(tokenizer)} tokens do not fit uint16 ids")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("*.safetensors"), out / MANIFEST]:  # an earlier encoding's
+        stale.unlink(missing_ok=True)
     writers: dict[str, _SplitWriter] = {}
     truncated = 0
     shards = manifest["shards"]

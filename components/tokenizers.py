@@ -28,6 +28,11 @@ from parti_ops.model.scenes import Scene
 
 log = logging.getLogger(__name__)
 
+
+class TokenizerError(ValueError):
+    """Data or settings a tokenizer cannot be trained on; the message says what to change."""
+
+
 TEXT_FILES = ["tokenizer.json", "tokenizer_config.json"]
 IMAGE_FILES = ["model.safetensors", "config.json"]
 TEXT_REPORT = "training_report.json"
@@ -100,6 +105,8 @@ def text_tokenizer_step(
             for table in iter_split(data_dir, "train", ["caption"])
             for caption in table["caption"].to_pylist()
         ]
+        if not captions:
+            raise TokenizerError(f"{data_dir}: no accepted rows in split 'train' to train on")
         tokenizer = train_text_tokenizer(captions, cfg)
         tokenizer.save_pretrained(out)
         ids, lengths, truncated = encode_captions(tokenizer, captions, cfg.max_length)
@@ -149,9 +156,19 @@ def image_tokenizer_step(
     cfg = config.image_tokenizer
     out = Path(out_dir)
     with step_run(config, "image-tokenizer", parent_run_id) as run:
+        split = heldout_split(data_dir)
+        heldout, scenes = load_images(data_dir, split)
         images, _ = load_images(data_dir, "train")
-        if not len(images):
-            raise ValueError(f"{data_dir}: no accepted images in split 'train' to train on")
+        if not len(images) or not len(heldout):
+            raise TokenizerError(
+                f"{data_dir}: the image tokenizer needs accepted rows in split 'train' (has"
+                f" {len(images)}) and in 'test' or 'validation' to score it (has {len(heldout)})"
+            )
+        if images.shape[1:3] != (config.data.image_size,) * 2:
+            raise TokenizerError(
+                f"{data_dir}: images are {images.shape[1]}x{images.shape[2]}, the config says"
+                f" data.image_size={config.data.image_size}; ingest with the same config"
+            )
         log.info("training the image tokenizer on %d images, %d steps", len(images), cfg.steps)
         with progress_bar("image tokenizer") as update:
             model = train_vqgan(
@@ -162,8 +179,6 @@ def image_tokenizer_step(
                 log_metrics=lambda metrics, step: run.log(metrics=metrics, step=step),
                 progress=update,
             )
-        split = heldout_split(data_dir)
-        heldout, scenes = load_images(data_dir, split)
         metrics, recon = evaluate_vqgan(model, heldout, scenes, cfg.eval_batch_size)
         metrics = {"split": split, **metrics, "digest": files_digest(out, IMAGE_FILES)}
         write_json(out / IMAGE_REPORT, metrics)

@@ -39,8 +39,11 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: unreadable, corrupted, or made by another config."""
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
+def _digest(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
+    """sha256 over the JSON document (less its own checksum) and every tensor."""
     sha = hashlib.sha256()
+    body = {k: v for k, v in meta.items() if k != "sha256"}
+    sha.update(json.dumps(body, sort_keys=True).encode() + b"\0")
     for name in sorted(tensors):
         tensor = tensors[name].detach().contiguous().cpu()
         sha.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
@@ -57,11 +60,16 @@ def save_checkpoint(
     path = folder / f"step-{step:08d}.safetensors"
     tmp = folder / f".{path.name}.{os.getpid()}.tmp"
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    body = {**meta, "step": step, "sha256": _digest(tensors)}
-    save_file(tensors, tmp, metadata={_META_KEY: json.dumps(body, sort_keys=True)})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    body = {**meta, "step": step}
+    body["sha256"] = _digest(tensors, body)
+    try:
+        save_file(tensors, tmp, metadata={_META_KEY: json.dumps(body, sort_keys=True)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+        raise
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # the rename itself survives a power cut
@@ -93,18 +101,20 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     except (SafetensorError, OSError, KeyError, ValueError) as err:
         raise CheckpointError(
             f"{path}: unreadable checkpoint ({err}); it is probably truncated by a crash or"
-            " a full disk. It is left in place; delete it to resume from the one before"
+            " a full disk"
         ) from None
-    if _digest(tensors) != meta.get("sha256"):
+    if _digest(tensors, meta) != meta.get("sha256"):
         raise CheckpointError(
-            f"{path}: checkpoint contents do not match their checksum (corrupted on disk);"
-            " it is left in place; delete it to resume from the one before"
+            f"{path}: checkpoint contents do not match their checksum (corrupted on disk)"
         )
     return tensors, meta
 
 
 def latest_checkpoint(folder: str | Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]]:
-    """The newest checkpoint that loads and verifies; bad newer ones are skipped with a warning.
+    """The newest checkpoint that loads and verifies; bad newer ones are set aside.
+
+    A refused file is renamed to `<name>.refused` (kept for inspection, no longer counted
+    among the checkpoints, so it cannot push a good one out), with a warning saying why.
 
     Raises:
         CheckpointError: there is none, or none that is good (every reason listed).
@@ -117,7 +127,8 @@ def latest_checkpoint(folder: str | Path) -> tuple[Path, dict[str, torch.Tensor]
         try:
             tensors, meta = load_checkpoint(path)
         except CheckpointError as err:
-            log.warning("skipping %s", err)
+            path.rename(path.with_name(path.name + ".refused"))
+            log.warning("skipping %s; renamed to %s.refused", err, path.name)
             reasons.append(str(err))
             continue
         return path, tensors, meta
@@ -181,6 +192,7 @@ class StopOnSigterm:
 
     def __init__(self) -> None:
         self.requested = False
+        self._installed = False
         self._previous: Any = None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -190,8 +202,11 @@ class StopOnSigterm:
     def __enter__(self) -> StopOnSigterm:
         if threading.current_thread() is threading.main_thread():  # signals reach only it
             self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        if self._installed:
+            # None: the previous handler was set outside Python; the default is the best guess.
+            signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
+            self._installed = False

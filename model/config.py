@@ -161,8 +161,23 @@ class ImageTokenizerConfig:
             1 <= self.codebook_dim <= self.latent_dim,
             f"{p}codebook_dim={self.codebook_dim}: use 1..latent_dim ({self.latent_dim})",
         )
-        _check(self.channels >= 4 and self.res_blocks >= 0, f"{p}channels >= 4, res_blocks >= 0")
-        _check(self.channels % self.vit_heads == 0, f"{p}channels must be divisible by vit_heads")
+        _check(self.res_blocks >= 0, f"{p}res_blocks must be >= 0")
+        # GroupNorm splits each width (x1, x2, x4) into min(32, width / 4) groups.
+        for name in ("channels", "disc_channels"):
+            width = getattr(self, name)
+            _check(
+                width >= 4 and all(w % min(32, w // 4) == 0 for w in (width, 2 * width, 4 * width)),
+                f"{p}{name}={width}: use a multiple of 4 (and of 32 above 128)",
+            )
+        _check(
+            self.architecture != "vit" or self.channels % self.vit_heads == 0,
+            f"{p}channels must be divisible by vit_heads",
+        )
+        _check(self.dead_code_threshold >= 0, f"{p}dead_code_threshold must be >= 0")
+        _check(
+            min(self.warmup_steps, self.gan_start) >= 0 and self.eval_batch_size >= 1,
+            f"{p}warmup_steps and gan_start >= 0, eval_batch_size >= 1",
+        )
         _check(0 <= self.codebook_decay < 1 and 0 <= self.ema_decay < 1, f"{p}decays in [0, 1)")
         for name in ("l1_weight", "l2_weight", "perceptual_weight", "gan_weight"):
             _check(getattr(self, name) >= 0, f"{p}{name} must be >= 0")

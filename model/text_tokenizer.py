@@ -99,7 +99,8 @@ def _canonical_unigram(tokenizer: Tokenizer) -> Tokenizer:
     body = json.loads(tokenizer.to_str())
     vocab = body["model"]["vocab"]
     specials = vocab[: len(SPECIAL_TOKENS)]
-    assert [piece for piece, _ in specials] == SPECIAL_TOKENS
+    if [piece for piece, _ in specials] != SPECIAL_TOKENS:
+        raise RuntimeError(f"unigram trainer put {specials} first, not {SPECIAL_TOKENS}")
     rest = sorted(
         ((p, round(score, 8)) for p, score in vocab[len(specials) :]), key=lambda v: (-v[1], v[0])
     )

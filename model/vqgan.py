@@ -213,6 +213,7 @@ class VQGAN(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path) -> VQGAN:
         """Load a folder written by `save_pretrained` (safetensors only, nothing unpickled)."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         folder = Path(path)
@@ -220,12 +221,12 @@ class VQGAN(nn.Module):
             body = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
             config = ImageTokenizerConfig(**body["image_tokenizer"])
             model = cls(config=config, image_size=int(body["image_size"]))
-        except (OSError, KeyError, TypeError, ValueError) as err:
+            model.load_state_dict(load_file(folder / WEIGHTS))
+        except (OSError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as err:
             raise ValueError(
-                f"{folder}: not an image tokenizer folder ({err}); "
+                f"{folder}: not a usable image tokenizer folder ({err}); "
                 "point at the output of `parti tokenizer image train`"
             ) from err
-        model.load_state_dict(load_file(folder / WEIGHTS))
         return model.eval()
 
 
@@ -280,7 +281,7 @@ class PerceptualLoss(nn.Module):
             )
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
         config = getattr(config, "vision_config", config)
-        model = AutoModel.from_pretrained(folder, local_files_only=True)
+        model = AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
         self.net = getattr(model, "vision_model", model).eval().requires_grad_(False)
         self.size = int(getattr(config, "image_size", 224))
         mean, std = _pixel_stats(folder)

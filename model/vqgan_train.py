@@ -138,9 +138,18 @@ def train_vqgan(
     """
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != torch.uint8:
         raise ValueError(f"images: expected uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    size = images.shape[1]
+    if images.shape[2] != size or size % config.downsample:
+        raise ValueError(
+            f"images are {size}x{images.shape[2]}: the image tokenizer needs square images whose"
+            f" side is a multiple of image_tokenizer.downsample={config.downsample}"
+        )
     out = Path(out_dir)
     ckpt_dir = out / CHECKPOINTS
-    state = _State(config, images.shape[1])
+    # Built before the training state is seeded or restored: loading it must not move
+    # the random stream that a resumed run continues.
+    perceptual = PerceptualLoss(config.perceptual_model) if config.perceptual_model else None
+    state = _State(config, size)
     if resume:
         path, tensors, meta = latest_checkpoint(ckpt_dir)
         check_same_config(meta["config"], state.fingerprint(), MODEL_FIELDS, path)
@@ -154,7 +163,6 @@ def train_vqgan(
     if config.compile:
         state.model.encoder.compile()
         state.model.decoder.compile()
-    perceptual = PerceptualLoss(config.perceptual_model) if config.perceptual_model else None
 
     def checkpoint() -> Path:
         tensors, meta = state.tensors()
@@ -210,7 +218,9 @@ def _train_step(
     loss = nll + commit
     metrics["loss/commit"] = commit.item()
     if gan and cfg.gan_weight:
+        disc.requires_grad_(False)  # the generator's loss trains the generator only
         g_loss = -disc(recon).mean()  # hinge GAN, generator side
+        disc.requires_grad_(True)
         # VQGAN's adaptive weight: the GAN gradient scaled to the reconstruction's at the
         # decoder's last layer (Esser et al. 2021, eq. 7).
         nll_grad = torch.autograd.grad(nll, model.last_layer, retain_graph=True)[0]

@@ -61,6 +61,7 @@ def _clear_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         from parti_ops.components.encode import EncodedFormatError
         from parti_ops.components.ingest import IngestError
         from parti_ops.components.shards import ShardFormatError
+        from parti_ops.components.tokenizers import TokenizerError
         from parti_ops.components.validate import DataValidationError
         from parti_ops.model.checkpoint import CheckpointError
 
@@ -71,6 +72,7 @@ def _clear_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             DataValidationError,
             CheckpointError,
             EncodedFormatError,
+            TokenizerError,
             OSError,
         )
         try:

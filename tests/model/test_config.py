@@ -49,6 +49,7 @@ def test_int_given_for_a_float_field_is_converted():
         ("image_tokenizer.codebook_dim=128", "codebook_dim=128: use 1..latent_dim"),
         ("image_tokenizer.architecture=unet", "conv|vit"),
         ("image_tokenizer.keep_checkpoints=1", "one to fall back on"),
+        ("image_tokenizer.channels=14", "channels=14: use a multiple of 4"),
         ("text_tokenizer.vocab_size=100000", "vocab_size=100000"),
         ("text_tokenizer.kind=wordpiece", "unigram|bpe"),
     ],

@@ -170,7 +170,8 @@ def test_truncated_checkpoint_is_refused_and_the_earlier_one_still_loads(tmp_pat
         load_checkpoint(newer)
     path, tensors, meta = latest_checkpoint(tmp_path)
     assert path == older and meta["step"] == 1 and torch.equal(tensors["w"], torch.ones(64))
-    assert newer.exists()  # refused, not deleted
+    assert not newer.exists() and newer.with_name(newer.name + ".refused").exists()  # kept aside
+    assert list_checkpoints(tmp_path) == [older]
 
 
 def test_corrupted_checkpoint_fails_its_checksum(tmp_path):
