@@ -4,8 +4,9 @@
 
 Prints one JSON object. Both comparisons are ratios taken in the same run, on the same
 model and images (the preset's VQGAN, untrained weights: speed does not depend on them):
-- `encode.batched_vs_single`: images/s of `model.encode` on batches of B images over
-  images/s one image at a time, both under `torch.inference_mode`;
+- `encode.batched_vs_single`: images/s of `model.encode` on batches of B images (the
+  preset's `eval_batch_size`, what encoding uses) over images/s one image at a time,
+  both under `torch.inference_mode`; other batch sizes are listed beside it;
 - `train.compiled_vs_eager`: optimiser steps/s of `train_vqgan` with
   `image_tokenizer.compile=true` over without, both timed after the first
   `--warmup` steps (which hold torch.compile's one-off compilation, reported apart).
@@ -72,19 +73,21 @@ def main() -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--images", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--batch", type=int, help="default: the preset's eval_batch_size")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args()
 
     config = Config.from_name(args.preset)
+    args.batch = args.batch or config.image_tokenizer.eval_batch_size
     images = make_images(args.images, config.data.image_size)
     torch.manual_seed(0)
     model = VQGAN(config=config.image_tokenizer, image_size=config.data.image_size).train()
     model(to_unit(images[:64]))  # k-means initialises the codebook, as training would
     model.eval()
-    batched = images_per_s(model, images, args.batch)
-    single = images_per_s(model, images[: max(32, args.images // 8)], 1)
+    per_batch = {b: images_per_s(model, images, b) for b in sorted({8, 16, 32, 128, args.batch})}
+    batched = per_batch[args.batch]
+    single = images_per_s(model, images[: max(32, args.images // 4)], 1)
     eager = train_steps_per_s(config, images, args.steps, args.warmup, compile_=False)
     compiled = train_steps_per_s(config, images, args.steps, args.warmup, compile_=True)
     return {
@@ -102,6 +105,7 @@ def main() -> dict[str, Any]:
             "batched_images_per_s": round(batched, 1),
             "single_images_per_s": round(single, 1),
             "batched_vs_single": round(batched / single, 2),
+            "images_per_s_by_batch": {b: round(v, 1) for b, v in per_batch.items()},
         },
         "train": {
             "batch": config.image_tokenizer.batch_size,

@@ -42,6 +42,7 @@ SMALL_VQGAN = {
     "image_tokenizer.batch_size": 8,
     "image_tokenizer.warmup_steps": 2,
     "image_tokenizer.disc_channels": 8,
+    "image_tokenizer.gan_weight": 0.1,  # the GAN path too, though the tiny preset has it off
 }
 
 

@@ -35,6 +35,7 @@ TINY = ImageTokenizerConfig(
     steps=6,
     batch_size=4,
     warmup_steps=2,
+    gan_weight=0.1,
     gan_start=3,
     disc_channels=8,
     checkpoint_every=2,

@@ -26,7 +26,6 @@ def _runs(config: Config) -> dict[str, object]:
 QUICK = {
     "data.num_images": 200,
     "image_tokenizer.steps": 4,
-    "image_tokenizer.gan_start": 2,
     "image_tokenizer.batch_size": 8,
     "image_tokenizer.channels": 8,
 }
