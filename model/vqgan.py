@@ -204,7 +204,7 @@ class VQGAN(nn.Module):
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(tensors, out / WEIGHTS, metadata={"format": "pt"})
         body = {"image_size": self.image_size, "image_tokenizer": _section(self.config)}
         (out / CONFIG).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")

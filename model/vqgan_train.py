@@ -72,12 +72,12 @@ def lr_factor(step: int, config: ImageTokenizerConfig) -> float:
 class _State:
     """Everything a checkpoint holds, and how it goes to and from tensors + JSON."""
 
-    def __init__(self, config: ImageTokenizerConfig, image_size: int):
+    def __init__(self, config: ImageTokenizerConfig, image_size: int, device: torch.device):
         torch.manual_seed(config.seed)
         self.config, self.image_size = config, image_size
-        self.model = VQGAN(config=config, image_size=image_size)
+        self.model = VQGAN(config=config, image_size=image_size).to(device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.disc = PatchDiscriminator(config.disc_channels)
+        self.disc = PatchDiscriminator(config.disc_channels).to(device)
         # Adam with beta1 = 0.5, as VQGAN and ViT-VQGAN train their GANs.
         self.opt_g = torch.optim.Adam(self.model.parameters(), lr=config.lr, betas=(0.5, 0.9))
         self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=config.lr, betas=(0.5, 0.9))
@@ -148,8 +148,12 @@ def train_vqgan(
     ckpt_dir = out / CHECKPOINTS
     # Built before the training state is seeded or restored: loading it must not move
     # the random stream that a resumed run continues.
+    # A GPU when there is one; bit-identical resumes are promised on CPU (the CUDA
+    # generator and kernels are not checkpointed).
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     perceptual = PerceptualLoss(config.perceptual_model) if config.perceptual_model else None
-    state = _State(config, size)
+    perceptual = perceptual.to(device) if perceptual else None
+    state = _State(config, size, device)
     if resume:
         path, tensors, meta = latest_checkpoint(ckpt_dir)
         check_same_config(meta["config"], state.fingerprint(), MODEL_FIELDS, path)
@@ -180,9 +184,8 @@ def train_vqgan(
             for opt in (state.opt_g, state.opt_d):
                 for group in opt.param_groups:
                     group["lr"] = config.lr * lr_factor(step, config)
-            batch = to_unit(
-                images[batch_indices(step, config.batch_size, len(images), config.seed)]
-            )
+            rows = batch_indices(step, config.batch_size, len(images), config.seed)
+            batch = to_unit(images[rows].to(device, non_blocking=True))
             metrics = _train_step(state, batch, perceptual, gan=step >= config.gan_start)
             state.update_ema()
             state.step += 1
@@ -250,11 +253,12 @@ def reconstruct(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images (N, H, W, 3) → (uint8 reconstructions, codes (N, h, w))."""
     model.eval()
+    device = next(model.parameters()).device
     recons, codes = [], []
     for start in range(0, len(images), batch_size):
-        recon, code, _ = model(to_unit(images[start : start + batch_size]))
-        recons.append(to_uint8(recon))
-        codes.append(code)
+        recon, code, _ = model(to_unit(images[start : start + batch_size].to(device)))
+        recons.append(to_uint8(recon).cpu())
+        codes.append(code.cpu())
     return torch.cat(recons), torch.cat(codes)
 
 
