@@ -106,10 +106,13 @@ def text_tokenizer_op(
     """Train the caption tokenizer (a transformers fast tokenizer folder) on the train captions."""
     from pathlib import Path
 
-    from parti_ops.components.tokenizers import text_tokenizer_step
+    from parti_ops.components.tokenizers import TokenizerError, text_tokenizer_step
 
     accepted = str(Path(validated.path) / "accepted")
-    report = text_tokenizer_step(config_json, parent_run_id, accepted, text_tokenizer.path)
+    try:
+        report = text_tokenizer_step(config_json, parent_run_id, accepted, text_tokenizer.path)
+    except TokenizerError as err:
+        raise SystemExit(f"text tokenizer: {err}") from None
     for key in ("vocab_size", "truncated", "truncated_fraction", "unk_fraction"):
         metrics.log_metric(key, report[key])
     text_tokenizer.metadata.update(digest=report["digest"], vocab_size=report["vocab_size"])
@@ -132,15 +135,16 @@ def image_tokenizer_op(
     import base64
     from pathlib import Path
 
-    from parti_ops.components.tokenizers import GRID, image_tokenizer_step
+    from parti_ops.components.tokenizers import GRID, TokenizerError, image_tokenizer_step
     from parti_ops.model.checkpoint import CheckpointError, list_checkpoints
+    from parti_ops.model.vqgan_train import CHECKPOINTS
 
     out = Path(image_tokenizer.path)
-    resume = bool(list_checkpoints(out / "checkpoints"))
+    resume = bool(list_checkpoints(out / CHECKPOINTS))
     accepted = str(Path(validated.path) / "accepted")
     try:
         result = image_tokenizer_step(config_json, parent_run_id, accepted, str(out), resume=resume)
-    except CheckpointError as err:
+    except (CheckpointError, TokenizerError) as err:
         raise SystemExit(f"image tokenizer: {err}") from None
     scores = {k: v for k, v in result.items() if isinstance(v, float)}
     for key, value in scores.items():
@@ -168,17 +172,20 @@ def encode_op(
     """Turn every accepted image into its code grid and every caption into token ids."""
     from pathlib import Path
 
-    from parti_ops.components.encode import encode_step
+    from parti_ops.components.encode import EncodedFormatError, encode_step
 
     accepted = str(Path(validated.path) / "accepted")
-    manifest = encode_step(
-        config_json,
-        parent_run_id,
-        accepted,
-        text_tokenizer.path,
-        image_tokenizer.path,
-        encoded.path,
-    )
+    try:
+        manifest = encode_step(
+            config_json,
+            parent_run_id,
+            accepted,
+            text_tokenizer.path,
+            image_tokenizer.path,
+            encoded.path,
+        )
+    except EncodedFormatError as err:
+        raise SystemExit(f"encode: {err}") from None
     encoded.metadata.update(
         rows=manifest["rows"],
         data_digest=manifest["data_digest"],

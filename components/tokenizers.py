@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import torch
 from PIL import Image
 
-from parti_ops.components.shards import iter_shards, write_json
+from parti_ops.components.shards import iter_shards, read_manifest, write_json
 from parti_ops.components.versioning import files_digest
 from parti_ops.model.scenes import Scene
 
@@ -78,8 +78,6 @@ def _scene(metadata: str | None) -> Scene | None:
 
 def heldout_split(data_dir: str | Path) -> str:
     """The split to score tokenizers on: `test` if the data has one, else `validation`."""
-    from parti_ops.components.shards import read_manifest
-
     splits = read_manifest(data_dir).get("splits") or {}
     return "test" if splits.get("test") else "validation"
 

@@ -121,16 +121,20 @@ def load_text_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
 def encode_captions(
     tokenizer: PreTrainedTokenizerFast, captions: Sequence[str], max_length: int
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Captions → (ids (N, max_length) uint16 padded with <pad>, lengths (N,), number cut)."""
-    full = tokenizer(list(captions), add_special_tokens=True)["input_ids"]
-    truncated = sum(len(ids) > max_length for ids in full)
-    batch = tokenizer(
-        list(captions),
-        truncation=True,
-        max_length=max_length,
-        padding="max_length",
-        return_attention_mask=True,
-    )
-    ids = np.asarray(batch["input_ids"], dtype=np.uint16).reshape(len(captions), max_length)
-    lengths = np.asarray(batch["attention_mask"], dtype=np.int64).reshape(ids.shape).sum(axis=1)
+    """Captions → (ids (N, max_length) uint16 padded with <pad>, lengths (N,), number cut).
+
+    One tokenizer pass: a sequence longer than `max_length` keeps its first
+    `max_length - 1` tokens and its `</s>`, which is what the tokenizer's own truncation
+    gives (text cut to fit, then `<s>`/`</s>` around it).
+    """
+    full = tokenizer(list(captions))["input_ids"]  # <s> … </s>, uncut
+    ids = np.full((len(full), max_length), tokenizer.pad_token_id, dtype=np.uint16)
+    lengths = np.empty(len(full), dtype=np.int64)
+    truncated = 0
+    for row, seq in enumerate(full):
+        if len(seq) > max_length:
+            seq = seq[: max_length - 1] + seq[-1:]
+            truncated += 1
+        ids[row, : len(seq)] = seq
+        lengths[row] = len(seq)
     return ids, lengths, truncated

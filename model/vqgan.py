@@ -12,6 +12,7 @@ h = H / downsample.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -206,7 +207,7 @@ class VQGAN(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(tensors, out / WEIGHTS, metadata={"format": "pt"})
-        body = {"image_size": self.image_size, "image_tokenizer": _section(self.config)}
+        body = {"image_size": self.image_size, "image_tokenizer": dataclasses.asdict(self.config)}
         (out / CONFIG).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
         return out
 
@@ -228,12 +229,6 @@ class VQGAN(nn.Module):
                 "point at the output of `parti tokenizer image train`"
             ) from err
         return model.eval()
-
-
-def _section(config: ImageTokenizerConfig) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(config)
 
 
 class PatchDiscriminator(nn.Module):

@@ -73,6 +73,7 @@ def test_over_long_captions_are_cut_counted_and_still_end_with_eos(saved, captio
     assert ids.dtype == np.uint16 and ids.shape == (2, 48)
     assert truncated == 1
     assert lengths[1] == 48 and ids[1, -1] == tokenizer.eos_token_id
+    assert ids[1].tolist() == tokenizer(long, truncation=True, max_length=48)["input_ids"]
     assert lengths[0] < 48 and (ids[0, lengths[0] :] == tokenizer.pad_token_id).all()
     assert ids[0, lengths[0] - 1] == tokenizer.eos_token_id
 
