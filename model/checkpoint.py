@@ -25,8 +25,8 @@ from types import FrameType
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +93,9 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     """Read and verify one checkpoint; CheckpointError says what is wrong with it."""
     path = Path(path)
     try:
-        tensors = load_file(path)
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
+        with safe_open(path, framework="pt") as f:  # one read: header, metadata, tensors
             meta = json.loads((f.metadata() or {})[_META_KEY])
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, KeyError, ValueError) as err:
         raise CheckpointError(
             f"{path}: unreadable checkpoint ({err}); it is probably truncated by a crash or"

@@ -146,11 +146,11 @@ def train_vqgan(
         )
     out = Path(out_dir)
     ckpt_dir = out / CHECKPOINTS
-    # Built before the training state is seeded or restored: loading it must not move
-    # the random stream that a resumed run continues.
     # A GPU when there is one; bit-identical resumes are promised on CPU (the CUDA
     # generator and kernels are not checkpointed).
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # Built before the training state is seeded or restored: loading it must not move
+    # the random stream that a resumed run continues.
     perceptual = PerceptualLoss(config.perceptual_model) if config.perceptual_model else None
     perceptual = perceptual.to(device) if perceptual else None
     state = _State(config, size, device)
