@@ -192,3 +192,49 @@ def encode_op(
         text_tokenizer_digest=manifest["text_tokenizer"]["digest"],
         image_tokenizer_digest=manifest["image_tokenizer"]["digest"],
     )
+
+
+@dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+def train_op(
+    config_json: str,
+    parent_run_id: str,
+    encoded: Input[Dataset],
+    text_tokenizer: Input[Model],
+    image_tokenizer: Input[Model],
+    model: Output[Model],
+    metrics: Output[Metrics],
+):
+    """Train the Parti decoder (torchrun with `train.nproc` processes); write the bundle.
+
+    A retry of this task resumes from the checkpoints its earlier attempt left in the
+    output folder (on a cluster: a preempted pod, exit code 143).
+    """
+    from pathlib import Path
+
+    from parti_ops.components.encode import EncodedFormatError
+    from parti_ops.components.train import TrainError, train_step
+    from parti_ops.model.checkpoint import CheckpointError, list_checkpoints
+    from parti_ops.model.train import CHECKPOINTS
+
+    resume = bool(list_checkpoints(Path(model.path) / CHECKPOINTS))
+    try:
+        report = train_step(
+            config_json,
+            parent_run_id,
+            encoded.path,
+            text_tokenizer.path,
+            image_tokenizer.path,
+            model.path,
+            resume=resume,
+        )
+    except (CheckpointError, EncodedFormatError, TrainError) as err:
+        raise SystemExit(f"train: {err}") from None
+    for key, value in report.items():
+        if isinstance(value, int | float):
+            metrics.log_metric(key, value)
+    model.metadata.update(
+        parameters=report["parameters"],
+        data_digest=encoded.metadata.get("data_digest", ""),
+        text_tokenizer_digest=encoded.metadata.get("text_tokenizer_digest", ""),
+        image_tokenizer_digest=encoded.metadata.get("image_tokenizer_digest", ""),
+    )

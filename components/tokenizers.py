@@ -63,13 +63,13 @@ def load_images(data_dir: str | Path, split: str) -> tuple[torch.Tensor, list[Sc
     images, scenes = [], []
     for table in iter_split(data_dir, split, ["image", "metadata"]):
         images += [decode_png(b) for b in table["image"].to_pylist()]
-        scenes += [_scene(m) for m in table["metadata"].to_pylist()]
+        scenes += [parse_scene(m) for m in table["metadata"].to_pylist()]
     if not images:
         return torch.empty(0, 0, 0, 3, dtype=torch.uint8), []
     return torch.from_numpy(np.stack(images)), scenes
 
 
-def _scene(metadata: str | None) -> Scene | None:
+def parse_scene(metadata: str | None) -> Scene | None:
     try:
         return Scene.from_dict(json.loads(metadata or "{}"))
     except (KeyError, TypeError, ValueError):

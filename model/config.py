@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -194,6 +195,125 @@ class ImageTokenizerConfig:
 
 
 @dataclass(frozen=True)
+class PartiConfig:
+    """The Parti encoder–decoder Transformer (Yu et al. 2022; sizes from its Table 1).
+
+    Vocabularies and lengths are not set here: they come from the tokenizers (text vocab
+    and `text_tokenizer.max_length`, `image_tokenizer.codebook_size` and the code grid),
+    so a model always matches the data it is trained on.
+    """
+
+    d_model: int = 128
+    encoder_layers: int = 2  # bidirectional text encoder
+    decoder_layers: int = 4  # causal self-attention + cross-attention to the text
+    heads: int = 4
+    mlp_ratio: int = 4  # MLP width / d_model (Parti: 4)
+    dropout: float = 0.0
+    tie_head: bool = True  # the output head shares the image-code embedding matrix
+
+    def __post_init__(self) -> None:
+        p = "parti."
+        _check(self.d_model >= 8 and self.heads >= 1, f"{p}d_model >= 8 and heads >= 1")
+        _check(
+            self.d_model % self.heads == 0,
+            f"{p}d_model={self.d_model} must be divisible by heads={self.heads}",
+        )
+        _check(
+            self.encoder_layers >= 1 and self.decoder_layers >= 1,
+            f"{p}encoder_layers and decoder_layers must be >= 1",
+        )
+        _check(self.mlp_ratio >= 1, f"{p}mlp_ratio must be >= 1")
+        _check(0 <= self.dropout < 1, f"{p}dropout must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Decoder training: one `fit()` for CPU, one GPU, or many processes under torchrun."""
+
+    steps: int = 2000
+    # Global batch per optimiser step, over all processes and accumulation steps; each
+    # process takes batch_size / (processes * grad_accum) rows per micro-step.
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    weight_decay: float = 0.01  # AdamW; matrices only, not norms, biases or embeddings' rows
+    beta2: float = 0.98
+    grad_clip: float = 1.0
+    # Share of captions replaced by the learned null caption, which trains the
+    # unconditional path that classifier-free guidance needs (Ho & Salimans 2022).
+    caption_dropout: float = 0.1
+    precision: str = "auto"  # auto: bf16 autocast on a GPU, fp32 on CPU; or fp32 | bf16
+    compile: bool = False  # torch.compile the model
+    nproc: int = 1  # processes the pipeline step starts with torchrun (GPUs on a GPU node)
+    accelerator: str | None = None  # kfp accelerator type for the step, e.g. NVIDIA_TESLA_T4
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    log_every: int = 25
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        p = "train."
+        _check(self.steps >= 1, f"{p}steps must be >= 1")
+        _check(self.grad_accum >= 1 and self.nproc >= 1, f"{p}grad_accum and nproc must be >= 1")
+        _check(
+            self.batch_size >= 1 and self.batch_size % (self.grad_accum * self.nproc) == 0,
+            f"{p}batch_size={self.batch_size} must be a multiple of grad_accum * nproc"
+            f" ({self.grad_accum} * {self.nproc})",
+        )
+        _check(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, f"{p}lr > 0, min_lr_ratio in [0, 1]")
+        _check(
+            self.warmup_steps >= 0 and self.weight_decay >= 0, f"{p}warmup_steps, weight_decay >= 0"
+        )
+        _check(0 < self.beta2 < 1, f"{p}beta2 must be in (0, 1)")
+        _check(self.grad_clip > 0, f"{p}grad_clip must be > 0")
+        _check(0 <= self.caption_dropout < 1, f"{p}caption_dropout must be in [0, 1)")
+        _check(self.precision in ("auto", "fp32", "bf16"), f"{p}precision: auto|fp32|bf16")
+        _check(
+            self.checkpoint_every >= 1 and self.log_every >= 1,
+            f"{p}checkpoint_every and log_every must be >= 1",
+        )
+        _check(
+            self.keep_checkpoints >= 2, f"{p}keep_checkpoints must be >= 2 (one to fall back on)"
+        )
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Sampling defaults; `parti generate` and the server take each per request too."""
+
+    guidance_scale: float = 3.0  # classifier-free guidance; 1: conditional only, 0: unconditional
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # nucleus sampling; 1: off
+    seed: int = 0
+    candidates: int = 1  # samples per prompt, reranked by a scorer when one is given
+
+    def __post_init__(self) -> None:
+        check_sampling(self.guidance_scale, self.temperature, self.top_k, self.top_p, "sample.")
+        _check(self.candidates >= 1, "sample.candidates must be >= 1")
+
+
+def check_sampling(
+    guidance_scale: float, temperature: float, top_k: int, top_p: float, prefix: str = ""
+) -> None:
+    """Raise ConfigError naming the first sampling setting that cannot be used."""
+    _check(
+        math.isfinite(guidance_scale) and guidance_scale >= 0,
+        f"{prefix}guidance_scale={guidance_scale}: use a finite number >= 0",
+    )
+    _check(
+        math.isfinite(temperature) and temperature >= 0,
+        f"{prefix}temperature={temperature}: use a finite number >= 0 (0: greedy)",
+    )
+    _check(top_k >= 0, f"{prefix}top_k={top_k}: use 0 (off) or a positive count")
+    _check(
+        math.isfinite(top_p) and 0 < top_p <= 1, f"{prefix}top_p={top_p}: use a number in (0, 1]"
+    )
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """Where MLflow runs go. None: a SQLite store and artifact folder under `work_dir`."""
 
@@ -213,6 +333,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     text_tokenizer: TextTokenizerConfig = field(default_factory=TextTokenizerConfig)
     image_tokenizer: ImageTokenizerConfig = field(default_factory=ImageTokenizerConfig)
+    parti: PartiConfig = field(default_factory=PartiConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
@@ -394,5 +517,43 @@ PRESETS: dict[str, Config] = {
             compile=True,
             eval_batch_size=256,
         ),
+        parti=PartiConfig(d_model=512, encoder_layers=6, decoder_layers=12, heads=8, dropout=0.1),
+        train=TrainConfig(
+            steps=100_000,
+            batch_size=256,
+            lr=4.5e-4,
+            warmup_steps=2000,
+            compile=True,
+            accelerator="NVIDIA_TESLA_A100",
+            checkpoint_every=1000,
+        ),
     ),
 }
+
+
+def _paper_preset(name: str, d_model: int, encoder: int, decoder: int, heads: int) -> Config:
+    """Parti at a size of its Table 1: 256² images as 32² codes of 8192, 16k text pieces."""
+    small = PRESETS["small"]
+    return Config(
+        name=name,
+        data=DataConfig(image_size=256, num_images=1_000_000),
+        text_tokenizer=TextTokenizerConfig(kind="unigram", vocab_size=16_384, max_length=128),
+        image_tokenizer=dataclasses.replace(small.image_tokenizer, channels=768, vit_depth=12),
+        parti=PartiConfig(
+            d_model=d_model,
+            encoder_layers=encoder,
+            decoder_layers=decoder,
+            heads=heads,
+            dropout=0.1,
+        ),
+        train=dataclasses.replace(small.train, batch_size=512, nproc=8, precision="bf16"),
+    )
+
+
+for _preset in (
+    _paper_preset("parti-350m", 1024, 12, 12, 16),
+    _paper_preset("parti-750m", 1024, 12, 36, 16),
+    _paper_preset("parti-3b", 2048, 12, 36, 32),
+    _paper_preset("parti-20b", 4096, 16, 64, 64),
+):
+    PRESETS[_preset.name] = _preset

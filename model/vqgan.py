@@ -2,9 +2,9 @@
 
 Esser et al. 2021 (VQGAN: conv encoder/decoder, PatchGAN hinge loss) and Yu et al.
 2021 (ViT-VQGAN: Transformer encoder/decoder; codes looked up in a low-dimensional,
-l2-normalised space, which keeps the codebook used). The quantiser is
-`vector_quantize_pytorch.VectorQuantize`: cosine-similarity codebook, projection to
-`codebook_dim`, k-means init, EMA updates and dead-code re-seeding.
+l2-normalised space, which keeps the codebook used). The quantiser
+(`model/quantizer.py`) has a cosine-similarity codebook, projection to `codebook_dim`,
+k-means init, EMA updates and dead-code re-seeding.
 
 Images are float tensors in [-1, 1], (B, 3, H, W); codes are int64 (B, h, w) with
 h = H / downsample.
@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from vector_quantize_pytorch import VectorQuantize
 
 from parti_ops.model.config import ImageTokenizerConfig
+from parti_ops.model.quantizer import FactorizedQuantizer
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -162,32 +162,26 @@ class VQGAN(nn.Module):
             self.decoder: nn.Module = ViTDecoder(config, image_size)
         else:
             self.encoder, self.decoder = ConvEncoder(config), ConvDecoder(config)
-        self.quantizer = VectorQuantize(
+        self.quantizer = FactorizedQuantizer(
             dim=config.latent_dim,
             codebook_size=config.codebook_size,
             codebook_dim=config.codebook_dim,
-            use_cosine_sim=True,
             decay=config.codebook_decay,
             kmeans_init=config.kmeans_init,
-            threshold_ema_dead_code=config.dead_code_threshold,
+            dead_code_threshold=config.dead_code_threshold,
             commitment_weight=config.commitment_weight,
-            accept_image_fmap=True,
         )
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Images → (quantised latents (B, D, h, w), codes (B, h, w), commitment loss)."""
-        quantized, codes, commit = self.quantizer(self.encoder(images))
-        return quantized, codes, commit.sum()
+        return self.quantizer(self.encoder(images))
 
     def decode(self, quantized: torch.Tensor) -> torch.Tensor:
         return self.decoder(quantized)
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (B, h, w) → images (B, 3, H, W) in about [-1, 1]."""
-        # The library's get_output_from_indices moves channels first before its output
-        # projection for image feature maps, so the lookup is done here channels last.
-        vectors = self.quantizer.project_out(self.quantizer.codebook[codes])  # (B, h, w, D)
-        return self.decode(vectors.permute(0, 3, 1, 2))
+        return self.decode(self.quantizer.lookup(codes))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         quantized, codes, commit = self.encode(images)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,6 +34,7 @@ from parti_ops.model.checkpoint import (
 )
 from parti_ops.model.config import ImageTokenizerConfig
 from parti_ops.model.scenes import Scene, compare, read_scene
+from parti_ops.model.schedule import batch_indices, lr_factor
 from parti_ops.model.vqgan import VQGAN, PatchDiscriminator, PerceptualLoss, to_uint8, to_unit
 
 log = logging.getLogger(__name__)
@@ -46,27 +46,6 @@ MODEL_FIELDS = {
     "latent_dim", "codebook_size", "codebook_dim", "disc_channels", "image_size",
 }  # fmt: skip
 MetricsLogger = Callable[[dict[str, float], int], None]
-
-
-def batch_indices(step: int, batch_size: int, num_images: int, seed: int) -> torch.Tensor:
-    """Rows of the batch at `step`: epoch by epoch through a seeded permutation per epoch."""
-    positions = torch.arange(step * batch_size, (step + 1) * batch_size)
-    epochs, offsets = positions // num_images, positions % num_images
-    out = torch.empty(batch_size, dtype=torch.long)
-    for epoch in epochs.unique().tolist():
-        order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed + epoch))
-        here = epochs == epoch
-        out[here] = order[offsets[here]]
-    return out
-
-
-def lr_factor(step: int, config: ImageTokenizerConfig) -> float:
-    """Linear warm-up, then cosine decay to `min_lr_ratio`."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
 
 
 class _State:

@@ -62,6 +62,7 @@ def _clear_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         from parti_ops.components.ingest import IngestError
         from parti_ops.components.shards import ShardFormatError
         from parti_ops.components.tokenizers import TokenizerError
+        from parti_ops.components.train import TrainError
         from parti_ops.components.validate import DataValidationError
         from parti_ops.model.checkpoint import CheckpointError
 
@@ -73,6 +74,8 @@ def _clear_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             CheckpointError,
             EncodedFormatError,
             TokenizerError,
+            TrainError,
+            ValueError,  # unreadable model folders, bad sampling settings
             OSError,
         )
         try:
@@ -287,6 +290,138 @@ def tokenizer_encode(
     _print_paths(f"encoded {manifest['rows']} rows ({rows})", {"encoded": out.resolve()})
 
 
+@app.command("train")
+@_clear_errors
+def train(
+    encoded: Annotated[Path, typer.Option(help="Encoded data (`parti tokenizer encode`).")] = Path(
+        "outputs/encoded"
+    ),
+    text: Annotated[Path, typer.Option(help="Caption tokenizer the data was encoded with.")] = Path(
+        "outputs/text_tokenizer"
+    ),
+    image: Annotated[Path, typer.Option(help="Image tokenizer the data was encoded with.")] = Path(
+        "outputs/image_tokenizer"
+    ),
+    out: Annotated[Path, typer.Option(help="Folder for the model bundle and checkpoints.")] = Path(
+        "outputs/parti"
+    ),
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the newest good checkpoint in OUT/checkpoints.")
+    ] = False,
+    preset: Preset = "tiny",
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+) -> None:
+    """Train the Parti decoder on encoded data; --set train.nproc=N runs N torchrun processes.
+
+    Checkpoints are written atomically every train.checkpoint_every steps. On SIGTERM it
+    checkpoints and exits with code 143; run again with --resume to continue.
+    """
+    from parti_ops.components.train import REPORT, SAMPLES, train_step
+
+    cfg = _load(preset, config, overrides)
+    report = train_step(
+        cfg.to_json(), "", str(encoded), str(text), str(image), str(out), resume=resume
+    )
+    nll = ", ".join(
+        f"{k.removesuffix('_bits_per_token')} {v:.3f}"
+        for k, v in report.items()
+        if k.endswith("_bits_per_token")
+    )
+    _print_paths(
+        f"Parti ({report['parameters'] / 1e6:.1f}M parameters), held-out bits/token: {nll}",
+        {
+            "model bundle": out.resolve(),
+            "report": (out / REPORT).resolve(),
+            "samples": (out / SAMPLES).resolve(),
+        },
+    )
+
+
+@app.command("generate")
+@_clear_errors
+def generate(
+    prompt: Annotated[
+        list[str],
+        typer.Option(help="Caption to draw (repeatable); an empty one draws unconditionally."),
+    ],
+    out: Annotated[
+        Path, typer.Option(help="PNG to write; with several prompts, -<i> is added to the name.")
+    ] = Path("image.png"),
+    model: Annotated[Path, typer.Option(help="Model bundle (`parti train`'s output).")] = Path(
+        "outputs/parti"
+    ),
+    guidance_scale: Annotated[float | None, typer.Option(help="Classifier-free guidance.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="0: greedy.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="0: off.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="In (0, 1]; 1: off.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Same seed, same image.")] = None,
+    preset: Preset = "tiny",
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+) -> None:
+    """Sample images for prompts from a trained bundle, in this process (no server)."""
+    import dataclasses
+
+    from PIL import Image
+
+    from parti_ops.model.generate import TextToImage
+
+    cfg = _load(preset, config, overrides)
+    given = {
+        "guidance_scale": guidance_scale,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "seed": seed,
+    }
+    settings = dataclasses.replace(cfg.sample, **{k: v for k, v in given.items() if v is not None})
+    bundle = TextToImage.load(model)
+    images = bundle(prompt, settings)
+    paths = (
+        [out]
+        if len(prompt) == 1
+        else [out.with_stem(f"{out.stem}-{i}") for i in range(len(prompt))]
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for image, path in zip(images, paths, strict=True):
+        Image.fromarray(image.numpy()).save(path)
+    _print_paths(f"{len(paths)} image(s)", {p.name: p.resolve() for p in paths})
+
+
+@app.command("evaluate")
+@_clear_errors
+def evaluate(
+    model: Annotated[Path, typer.Option(help="Model bundle (`parti train`'s output).")] = Path(
+        "outputs/parti"
+    ),
+    data: Accepted = Path("outputs/validated/accepted"),
+    prompts: Annotated[int, typer.Option(help="Held-out captions sampled per split.")] = 100,
+    out: Annotated[Path, typer.Option(help="Folder for the report and the sample grid.")] = Path(
+        "outputs/evaluation"
+    ),
+    preset: Preset = "tiny",
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+) -> None:
+    """Prompt fidelity: sample held-out captions and score the images with the attribute oracle."""
+    import json
+
+    from parti_ops.components.evaluate import prompt_fidelity
+
+    cfg = _load(preset, config, overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    scores = prompt_fidelity(
+        model, data, cfg.sample, prompts=prompts, grid_path=out / "samples.png"
+    )
+    (out / "fidelity.json").write_text(json.dumps(scores, indent=2, sort_keys=True) + "\n")
+    lines = [f"{k}: {v:.3f}" for k, v in sorted(scores.items())]
+    _print_paths(
+        "prompt fidelity (attribute oracle)\n  " + "\n  ".join(lines),
+        {"report": (out / "fidelity.json").resolve(), "samples": (out / "samples.png").resolve()},
+    )
+
+
 @app.command("run")
 @_clear_errors
 def run(
@@ -323,15 +458,24 @@ def run(
 
 
 @pipeline_app.command("compile")
+@_clear_errors
 def pipeline_compile(
     out: Annotated[Path, typer.Option(help="Where to write the pipeline YAML.")] = Path(
         "pipelines/parti_pipeline.yaml"
     ),
+    preset: Preset = "tiny",
+    config: ConfigFile = None,
+    overrides: Overrides = None,
 ) -> None:
-    """Compile the pipeline to Kubeflow Pipelines YAML for a cluster."""
+    """Compile the pipeline to Kubeflow Pipelines YAML for a cluster.
+
+    The config is the pipeline's default `config_json`; its train.accelerator and
+    train.nproc set the training step's GPU request.
+    """
     from parti_ops.pipelines.parti import compile_pipeline
 
-    console.print(f"wrote {compile_pipeline(out).resolve()}")
+    cfg = _load(preset, config, overrides)
+    console.print(f"wrote {compile_pipeline(out, cfg).resolve()}")
 
 
 def _print_paths(title: str, paths: dict[str, Any]) -> None:

@@ -1,7 +1,7 @@
 """The parti-ops pipeline: wiring only. Each step is a component from `components/`.
 
-    source ─► ingest ─► validate ─┬─► text tokenizer ──┬─► encode ─► (decoder training,
-                                  └─► image tokenizer ─┘             evaluation, serving)
+    source ─► ingest ─► validate ─┬─► text tokenizer ──┬─► encode ─► train decoder ─► (evaluation,
+                                  └─► image tokenizer ─┘                              serving)
     (the synthetic set is drawn by the ingest step when no source is given)
 
 The same pipeline function runs on this machine with `kfp.local` and compiles to
@@ -12,6 +12,7 @@ closes that run as FAILED when any step fails.
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +25,11 @@ from parti_ops.components.ops import (
     ingest_op,
     start_run_op,
     text_tokenizer_op,
+    train_op,
     validate_op,
 )
 from parti_ops.components.versioning import git_sha
-from parti_ops.model.config import Config
+from parti_ops.model.config import Config, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,24 +37,36 @@ PIPELINE_NAME = "parti-ops"
 COMPILED = Path(__file__).with_name("parti_pipeline.yaml")
 
 
-@dsl.pipeline(
-    name=PIPELINE_NAME,
-    description="Train, evaluate, promote and serve a Parti-style text-to-image model.",
-)
-def parti_pipeline(
-    config_json: str = Config.from_name("tiny").to_json(),
-    source: str = "",
-    code_version: str = "unknown",
-    run_name: str = PIPELINE_NAME,
-) -> None:
-    """The whole pipeline.
+def build_pipeline(config: Config) -> Callable[..., None]:
+    """The pipeline for a config: its JSON is the default parameter, and its resources
+    (the training step's accelerator) are fixed in the compiled YAML."""
 
-    Args:
-        config_json: the resolved `Config` as JSON (`parti config show --json`).
-        source: a data set path or object-store URI; empty draws the synthetic set.
-        code_version: the git SHA (or image digest) recorded on the MLflow runs.
-        run_name: the MLflow parent run's name.
-    """
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="Train, evaluate, promote and serve a Parti-style text-to-image model.",
+    )
+    def parti_pipeline(
+        config_json: str = config.to_json(),
+        source: str = "",
+        code_version: str = "unknown",
+        run_name: str = PIPELINE_NAME,
+    ) -> None:
+        """The whole pipeline.
+
+        Args:
+            config_json: the resolved `Config` as JSON (`parti config show --json`).
+            source: a data set path or object-store URI; empty draws the synthetic set.
+            code_version: the git SHA (or image digest) recorded on the MLflow runs.
+            run_name: the MLflow parent run's name.
+        """
+        _steps(config_json, source, code_version, run_name, config.train)
+
+    return parti_pipeline
+
+
+def _steps(
+    config_json: str, source: str, code_version: str, run_name: str, train: TrainConfig
+) -> None:
     # The exit task may not take inputs from other tasks, so it finds the parent run
     # through the kfp run id that both tasks are given.
     end = end_run_op(config_json=config_json, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
@@ -75,18 +89,28 @@ def parti_pipeline(
         image = image_tokenizer_op(
             config_json=config_json, parent_run_id=parent, validated=validated
         )
-        encode_op(
+        encode = encode_op(
             config_json=config_json,
             parent_run_id=parent,
             validated=validated,
             text_tokenizer=text.outputs["text_tokenizer"],
             image_tokenizer=image.outputs["image_tokenizer"],
         )
+        trainer = train_op(
+            config_json=config_json,
+            parent_run_id=parent,
+            encoded=encode.outputs["encoded"],
+            text_tokenizer=text.outputs["text_tokenizer"],
+            image_tokenizer=image.outputs["image_tokenizer"],
+        )
+        if train.accelerator:  # one GPU per torchrun process, on one node
+            trainer.set_accelerator_type(train.accelerator).set_accelerator_limit(train.nproc)
 
 
-def compile_pipeline(path: str | Path = COMPILED) -> Path:
-    """Write the pipeline as Kubeflow Pipelines YAML (IR); returns the path."""
-    compiler.Compiler().compile(parti_pipeline, package_path=str(path))
+def compile_pipeline(path: str | Path = COMPILED, config: Config | None = None) -> Path:
+    """Write the pipeline for `config` (default: the tiny preset) as Kubeflow Pipelines YAML."""
+    pipeline = build_pipeline(config or Config.from_name("tiny"))
+    compiler.Compiler().compile(pipeline, package_path=str(path))
     return Path(path)
 
 
@@ -102,6 +126,7 @@ class LocalRun:
     text_tokenizer: Path
     image_tokenizer: Path
     encoded: Path
+    model: Path
     run_dir: Path
     tracking_uri: str
 
@@ -128,7 +153,7 @@ def run_local(config: Config, source: str | Path | None = None) -> LocalRun:
         # kfp.local warns that the component image is not a "python" image; locally the
         # steps run in this environment, where parti-ops is installed.
         warnings.filterwarnings("ignore", message="You may be attemping to run a task")
-        parti_pipeline(
+        build_pipeline(config)(
             config_json=config.to_json(),
             source=str(Path(source).resolve()) if source else "",
             code_version=git_sha(Path(__file__).parent),
@@ -147,6 +172,7 @@ def run_local(config: Config, source: str | Path | None = None) -> LocalRun:
         text_tokenizer=run_dir / "text-tokenizer-op" / "text_tokenizer",
         image_tokenizer=run_dir / "image-tokenizer-op" / "image_tokenizer",
         encoded=run_dir / "encode-op" / "encoded",
+        model=run_dir / "train-op" / "model",
         run_dir=run_dir,
         tracking_uri=config.mlflow_tracking_uri(),
     )

@@ -1,0 +1,272 @@
+"""The decoder training step: Parti on the encoded data, in one process or under torchrun.
+
+Its output folder is a self-contained bundle that `parti generate` (and later the
+registry and the export) read: `parti/` (safetensors + config), copies of the
+`text_tokenizer/` and `image_tokenizer/` the data was encoded with, `checkpoints/`,
+`training_report.json` and `samples.png` (held-out prompts: sample | reference).
+
+With `train.nproc` > 1 the step starts `torchrun` on this module; every process runs
+`fit`, and rank 0 alone logs to MLflow and writes the bundle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from parti_ops.components.encode import MANIFEST, EncodedFormatError, load_encoded
+from parti_ops.components.shards import write_json
+from parti_ops.components.tokenizers import IMAGE_FILES, TEXT_FILES
+from parti_ops.components.versioning import files_digest
+
+log = logging.getLogger(__name__)
+
+REPORT = "training_report.json"
+SAMPLES = "samples.png"
+HELDOUT_SPLITS = ("validation", "test")  # unseen prompts; test: unseen (colour, shape) pairs
+
+
+class TrainError(ValueError):
+    """Inputs the training step cannot use; the message says which and what to do."""
+
+
+def train_step(
+    config_json: str,
+    parent_run_id: str,
+    encoded_dir: str,
+    text_dir: str,
+    image_dir: str,
+    out_dir: str,
+    *,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Train the decoder on the `train` split; report held-out NLL; write the bundle.
+
+    Returns the training report (also `out_dir/training_report.json`).
+    """
+    from parti_ops.model.config import Config
+
+    config = Config.from_json(config_json)
+    if config.train.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(
+            config_json, parent_run_id, encoded_dir, text_dir, image_dir, out_dir, resume
+        )
+    manifest = _check_inputs(encoded_dir, text_dir, image_dir)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    runs = _tracking(config, parent_run_id) if rank0 else contextlib.nullcontext(None)
+    with runs as run:
+        return _train(
+            config, manifest, encoded_dir, text_dir, image_dir, Path(out_dir), resume, run
+        )
+
+
+def _train(config, manifest, encoded_dir, text_dir, image_dir, out: Path, resume, run) -> dict:
+    import torch
+
+    from parti_ops.components.progress import progress_bar
+    from parti_ops.model.parti import PartiDims
+    from parti_ops.model.train import CodeData, fit, heldout_nll
+
+    dims = PartiDims(
+        text_vocab=int(manifest["vocab_size"]),
+        text_length=int(manifest["max_length"]),
+        codebook_size=int(manifest["codebook_size"]),
+        grid=int(manifest["grid"][0]),
+    )
+    data = CodeData.from_arrays(load_encoded(encoded_dir, "train"), dims.text_length)
+    if not len(data):
+        raise TrainError(f"{encoded_dir}: no rows in split 'train'; encode the data first")
+    history: list[dict[str, float]] = []
+
+    def log_metrics(metrics: dict[str, float], step: int) -> None:
+        history.append({"step": step, **metrics})
+        if run is not None:
+            run.log(metrics={f"train/{k}": v for k, v in metrics.items()}, step=step)
+
+    if run is not None:
+        run.log(params=config.flat())
+    log.info("training Parti on %d rows for %d steps", len(data), config.train.steps)
+    with progress_bar("decoder") if run is not None else contextlib.nullcontext(None) as update:
+        model = fit(
+            config.parti,
+            config.train,
+            dims,
+            data,
+            out,
+            resume=resume,
+            log_metrics=log_metrics,
+            progress=update,
+        )
+    if run is None:  # not rank 0: the bundle and the report are rank 0's
+        return {}
+    _copy_tokenizers(text_dir, image_dir, out)
+    model = model.to("cpu") if torch.cuda.is_available() else model
+    report: dict[str, Any] = {
+        "steps": config.train.steps,
+        "parameters": model.num_parameters(),
+        "train_rows": len(data),
+        "history": history,
+    }
+    for split in HELDOUT_SPLITS:
+        if split in manifest["splits"]:
+            heldout = CodeData.from_arrays(load_encoded(encoded_dir, split), dims.text_length)
+            report[f"{split}_bits_per_token"] = heldout_nll(model, heldout)
+    _sample_grid(config, out, encoded_dir, manifest)
+    write_json(out / REPORT, report)
+    run.log(
+        metrics={k: v for k, v in report.items() if isinstance(v, int | float)},
+        tags={"data_digest": manifest.get("data_digest") or "", "preset": config.name},
+        step=config.train.steps,
+    )
+    run.log_artifact(out / REPORT, "parti")
+    run.log_artifact(out / SAMPLES, "parti")
+    return report
+
+
+@contextlib.contextmanager
+def _tracking(config, parent_run_id: str):
+    from parti_ops.components.tracking import step_run
+
+    with step_run(config, "train", parent_run_id) as run:
+        yield run
+
+
+def _check_inputs(encoded_dir: str, text_dir: str, image_dir: str) -> dict[str, Any]:
+    """The encoded manifest, after checking it was made by these tokenizers."""
+    try:
+        manifest = json.loads((Path(encoded_dir) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise TrainError(
+            f"{encoded_dir}: no readable {MANIFEST} ({err}); run `parti tokenizer encode` first"
+        ) from None
+    for key, folder, files in (
+        ("text_tokenizer", text_dir, TEXT_FILES),
+        ("image_tokenizer", image_dir, IMAGE_FILES),
+    ):
+        try:
+            digest = files_digest(folder, files)
+        except OSError as err:
+            raise TrainError(f"{folder}: cannot read the {key.replace('_', ' ')} ({err})") from None
+        if manifest.get(key, {}).get("digest") != digest:
+            raise TrainError(
+                f"{encoded_dir} was encoded with another {key.replace('_', ' ')} than {folder};"
+                " re-encode with this one, or pass the one it was made with"
+            )
+    return manifest
+
+
+def _copy_tokenizers(text_dir: str, image_dir: str, out: Path) -> None:
+    from parti_ops.model.generate import IMAGE_TOKENIZER, TEXT_TOKENIZER
+
+    for folder, files, name in (
+        (text_dir, TEXT_FILES, TEXT_TOKENIZER),
+        (image_dir, IMAGE_FILES, IMAGE_TOKENIZER),
+    ):
+        target = out / name
+        target.mkdir(parents=True, exist_ok=True)
+        names = files if name == IMAGE_TOKENIZER else [p.name for p in Path(folder).iterdir()]
+        for file in names:
+            if (Path(folder) / file).is_file():
+                shutil.copy2(Path(folder) / file, target / file)
+
+
+def _sample_grid(config, out: Path, encoded_dir: str, manifest: dict[str, Any], rows: int = 8):
+    """Samples for the first held-out captions beside the reference images' reconstructions."""
+    import torch
+
+    from parti_ops.model.generate import TextToImage
+    from parti_ops.model.sampling import generate_codes
+    from parti_ops.model.train import CodeData
+    from parti_ops.model.vqgan import to_uint8
+    from parti_ops.model.vqgan_train import reconstruction_grid
+
+    split = next((s for s in HELDOUT_SPLITS[::-1] if s in manifest["splits"]), "train")
+    bundle = TextToImage.load(out)
+    data = CodeData.from_arrays(load_encoded(encoded_dir, split), bundle.parti.dims.text_length)
+    index = torch.arange(min(rows, len(data)))
+    text_ids, text_mask, codes = data.rows(index, torch.device("cpu"))
+    s = config.sample
+    sampled = generate_codes(
+        bundle.parti,
+        text_ids,
+        text_mask,
+        [s.seed + i for i in range(len(index))],
+        guidance_scale=s.guidance_scale,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+    )
+    grid = bundle.parti.dims.grid
+    with torch.inference_mode():
+        reference = to_uint8(bundle.vqgan.decode_codes(codes.view(-1, grid, grid)))
+        samples = to_uint8(bundle.vqgan.decode_codes(sampled))
+    reconstruction_grid(samples, reference, pairs=rows).save(out / SAMPLES)
+
+
+def _launch(config_json, parent_run_id, encoded_dir, text_dir, image_dir, out_dir, resume):
+    """Run this step under `torchrun` with `train.nproc` processes; rank 0 writes the report."""
+    from parti_ops.model.checkpoint import PREEMPTED_EXIT_CODE
+    from parti_ops.model.config import Config
+
+    nproc = Config.from_json(config_json).train.nproc
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    args = out / "launch.json"
+    write_json(
+        args,
+        {
+            "config_json": config_json,
+            "parent_run_id": parent_run_id,
+            "encoded_dir": encoded_dir,
+            "text_dir": text_dir,
+            "image_dir": image_dir,
+            "out_dir": out_dir,
+            "resume": resume,
+        },
+    )
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={nproc}", "-m", "parti_ops.components.train", str(args),
+    ]  # fmt: skip
+    log.info("starting %d training processes: %s", nproc, " ".join(command))
+    child = subprocess.Popen(command)
+    # SIGTERM is passed on: torchrun hands it to every process, which checkpoint and exit.
+    preempted = []
+
+    def forward(signum: int, frame: object) -> None:
+        preempted.append(signum)
+        child.send_signal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        code = child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if preempted or code == PREEMPTED_EXIT_CODE:
+        raise SystemExit(PREEMPTED_EXIT_CODE)
+    if code:
+        raise TrainError(f"torchrun exited with code {code}; its processes' errors are above")
+    return json.loads((out / REPORT).read_text(encoding="utf-8"))
+
+
+def main(argv: list[str]) -> None:
+    """Entry point of each torchrun process: `python -m parti_ops.components.train launch.json`."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    kwargs = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    resume = kwargs.pop("resume")
+    try:
+        train_step(**kwargs, resume=resume)
+    except (TrainError, EncodedFormatError) as err:
+        raise SystemExit(f"train: {err}") from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,338 @@
+"""Training the Parti decoder: one `fit()` for CPU, one GPU, or many processes under torchrun.
+
+DDP starts when `torchrun` sets WORLD_SIZE > 1 (gloo on CPU, NCCL on GPU); bf16 autocast
+on a GPU, fp32 on CPU; gradient accumulation; AdamW with warm-up and cosine decay;
+gradient clipping; optional `torch.compile`; caption dropout for classifier-free guidance.
+
+The global batch at step s, and which captions it drops, are functions of (seed, s)
+(`model/schedule.py`), so 1 process and N processes train on the same rows, and a run
+stopped by SIGTERM and resumed from its checkpoint equals an uninterrupted one bit for
+bit on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from parti_ops.model.checkpoint import (
+    PREEMPTED_EXIT_CODE,
+    CheckpointError,
+    StopOnSigterm,
+    check_same_config,
+    latest_checkpoint,
+    list_checkpoints,
+    optimizer_tensors,
+    restore_optimizer,
+    save_checkpoint,
+)
+from parti_ops.model.config import PartiConfig, TrainConfig
+from parti_ops.model.parti import Parti, PartiDims
+from parti_ops.model.schedule import batch_indices, lr_factor
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+MODEL = "parti"  # the trained model's folder under the output folder
+# Fields that shape the weights: a checkpoint made with others cannot be resumed.
+MODEL_FIELDS = {
+    "d_model", "encoder_layers", "decoder_layers", "heads", "mlp_ratio", "tie_head",
+    "text_vocab", "text_length", "codebook_size", "grid",
+}  # fmt: skip
+# Dense bf16 peak of one GPU, for MFU; other GPUs report tokens/s only.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+MetricsLogger = Callable[[dict[str, float], int], None]
+
+
+@dataclass(frozen=True)
+class CodeData:
+    """Encoded rows: codes (N, grid²) int64, text ids (N, T) int64, text mask (N, T) bool."""
+
+    codes: torch.Tensor
+    text_ids: torch.Tensor
+    text_mask: torch.Tensor
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], text_length: int) -> CodeData:
+        """From `load_encoded`'s arrays: codes (N, h, w), text_ids (N, T), text_lengths (N,)."""
+        codes = torch.from_numpy(arrays["codes"].astype(np.int64)).flatten(1)
+        ids = torch.from_numpy(arrays["text_ids"].astype(np.int64))[:, :text_length]
+        lengths = torch.from_numpy(arrays["text_lengths"].astype(np.int64))
+        mask = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
+        return cls(codes=codes, text_ids=ids, text_mask=mask)
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def rows(self, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
+        # Text trimmed to the longest caption in the batch: padding costs attention time.
+        mask = self.text_mask[index]
+        width = max(1, int(mask.sum(dim=1).max()))
+        return tuple(
+            t.to(device, non_blocking=True)
+            for t in (self.text_ids[index, :width], mask[:, :width], self.codes[index])
+        )
+
+
+@dataclass(frozen=True)
+class _Processes:
+    """This process's place among the torchrun processes (one process: rank 0 of 1)."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @classmethod
+    def start(cls) -> _Processes:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        cuda = torch.cuda.is_available()
+        if cuda:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            device = torch.device("cuda", local)
+        else:
+            device = torch.device("cpu")
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo")
+        return cls(rank=int(os.environ.get("RANK", "0")), world=world, device=device)
+
+    def any(self, flag: bool) -> bool:
+        """True on every process if it is True on any (e.g. one of them got SIGTERM)."""
+        if self.world == 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def mean(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def fingerprint(config: PartiConfig, train: TrainConfig, dims: PartiDims) -> dict[str, Any]:
+    return {**dataclasses.asdict(config), **dataclasses.asdict(train), **dataclasses.asdict(dims)}
+
+
+def caption_drops(step: int, batch_size: int, rate: float, seed: int) -> torch.Tensor:
+    """Which rows of the global batch at `step` get the null caption: (batch_size,) bool."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.rand(batch_size, generator=generator) < rate
+
+
+def _optimizer(model: Parti, train: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not norms, biases, embeddings or positions)."""
+    decay, keep = [], []
+    for name, p in model.named_parameters():
+        is_matrix = p.ndim == 2 and "embed" not in name and not name.endswith("_pos")
+        (decay if is_matrix else keep).append(p)
+    groups = [
+        {"params": decay, "weight_decay": train.weight_decay},
+        {"params": keep, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, train.beta2))
+
+
+def _autocast(train: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    bf16 = train.precision == "bf16" or (train.precision == "auto" and device.type == "cuda")
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def train_flops_per_example(model: Parti, text_tokens: int) -> float:
+    """Training FLOPs of one example: 6 per parameter per token plus attention (PaLM, app. B)."""
+    cfg, dims = model.config, model.dims
+    n, d = dims.image_length, cfg.d_model
+    embeddings = model.text_embed.weight.numel() + model.code_embed.weight.numel()
+    dense = model.num_parameters() - embeddings
+    attention = (
+        6
+        * 2
+        * d
+        * (
+            cfg.encoder_layers * text_tokens**2
+            + cfg.decoder_layers * (n * (n + 1) // 2 + n * text_tokens)
+        )
+    )
+    return 6 * dense * (n + text_tokens) + 6 * d * dims.codebook_size * n + attention
+
+
+def fit(
+    config: PartiConfig,
+    train: TrainConfig,
+    dims: PartiDims,
+    data: CodeData,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    log_metrics: MetricsLogger | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Parti:
+    """Train Parti on encoded rows; returns the model, saved to `out_dir/parti` by rank 0.
+
+    Checkpoints go to `out_dir/checkpoints` every `checkpoint_every` steps, at the end and
+    on SIGTERM (then SystemExit with code 143). Under torchrun every process calls this.
+
+    Args:
+        resume: continue from the newest good checkpoint; without it, existing
+            checkpoints are an error rather than silently overwritten.
+        log_metrics: called on rank 0 with (metrics, step) every `log_every` steps.
+        progress: called on rank 0 with (step, total) after each step.
+    """
+    procs = _Processes.start()
+    micro = train.batch_size // (procs.world * train.grad_accum)
+    if micro < 1:
+        raise ValueError(f"train.batch_size={train.batch_size} is smaller than the processes")
+    out = Path(out_dir)
+    ckpt_dir = out / CHECKPOINTS
+    torch.manual_seed(train.seed)
+    model = Parti(config=config, dims=dims).to(procs.device)
+    optimizer = _optimizer(model, train)
+    step = 0
+    if resume:
+        path, tensors, meta = latest_checkpoint(ckpt_dir)
+        check_same_config(meta["config"], fingerprint(config, train, dims), MODEL_FIELDS, path)
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        restore_optimizer("optimizer", optimizer, tensors, meta["optimizer"])
+        torch.set_rng_state(tensors["rng.torch"])
+        step = int(meta["step"])
+        if procs.rank == 0:
+            log.info("resumed from %s (step %d of %d)", path, step, train.steps)
+    elif list_checkpoints(ckpt_dir):
+        raise CheckpointError(
+            f"{ckpt_dir} already holds checkpoints; pass --resume to continue that run,"
+            " or use another output folder"
+        )
+    procs.barrier()  # no process reads checkpoints that another is about to write
+    stepper: torch.nn.Module = model
+    ddp = None
+    if procs.world > 1:
+        ddp_device = [procs.device.index] if procs.device.type == "cuda" else None
+        stepper = ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ddp_device)
+    if train.compile:
+        stepper = torch.compile(stepper)
+
+    def checkpoint() -> None:
+        if procs.rank == 0:
+            tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+            opt_tensors, opt_meta = optimizer_tensors("optimizer", optimizer)
+            tensors |= opt_tensors | {"rng.torch": torch.get_rng_state()}
+            meta = {
+                "config": fingerprint(config, train, dims),
+                "optimizer": opt_meta,
+                # The data position and the learning rate follow from the step.
+                "rows_seen": step * train.batch_size,
+                "lr": train.lr * lr_factor(step, train),
+            }
+            save_checkpoint(ckpt_dir, step, tensors, meta, keep=train.keep_checkpoints)
+        procs.barrier()
+
+    flops = train_flops_per_example(model, text_tokens=int(data.text_mask.sum(1).float().mean()))
+    peak = _peak_flops(procs.device)
+    history: dict[str, list[float]] = {}
+    window_start, window_step = time.perf_counter(), step
+    model.train()
+    with StopOnSigterm() as stop:
+        while step < train.steps:
+            if procs.any(stop.requested):
+                checkpoint()
+                log.warning("preempted at step %d: checkpoint written", step)
+                raise SystemExit(PREEMPTED_EXIT_CODE)
+            lr = train.lr * lr_factor(step, train)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            rows = batch_indices(step, train.batch_size, len(data), train.seed)
+            drops = caption_drops(step, train.batch_size, train.caption_dropout, train.seed)
+            per_process = micro * train.grad_accum
+            mine = slice(procs.rank * per_process, (procs.rank + 1) * per_process)
+            loss_sum = 0.0
+            for i, part in enumerate(_chunks(rows[mine], drops[mine], micro)):
+                # Gradients are averaged across processes on the last micro-step only.
+                last = i == train.grad_accum - 1
+                with contextlib.nullcontext() if last or ddp is None else ddp.no_sync():
+                    text_ids, text_mask, codes = data.rows(part[0], procs.device)
+                    with _autocast(train, procs.device):
+                        logits = stepper(text_ids, text_mask, codes, part[1].to(procs.device))
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
+                    (loss / train.grad_accum).backward()
+                loss_sum += loss.item() / train.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            history.setdefault("loss", []).append(loss_sum)
+            history.setdefault("grad_norm", []).append(float(grad_norm))
+            if step % train.log_every == 0 or step == train.steps:
+                summary = {k: procs.mean(float(np.mean(v))) for k, v in history.items()}
+                history.clear()
+                # Throughput over the steps since the last log (after compilation, warm-up).
+                now = time.perf_counter()
+                examples_per_s = (step - window_step) * train.batch_size / (now - window_start)
+                window_start, window_step = now, step
+                summary |= {
+                    "lr": lr,
+                    "bits_per_token": summary["loss"] / math.log(2),
+                    "tokens_per_s": examples_per_s * dims.image_length,
+                }
+                if peak:
+                    summary["mfu"] = examples_per_s * flops / (peak * procs.world)
+                if log_metrics and procs.rank == 0:
+                    log_metrics(summary, step)
+            if step % train.checkpoint_every == 0 or step == train.steps:
+                checkpoint()
+            if progress and procs.rank == 0:
+                progress(step, train.steps)
+    model.eval()
+    if procs.rank == 0:
+        model.save_pretrained(out / MODEL)
+    procs.barrier()
+    return model
+
+
+def _chunks(
+    rows: torch.Tensor, drops: torch.Tensor, size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size], drops[start : start + size]
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+@torch.inference_mode()
+def heldout_nll(model: Parti, data: CodeData, batch_size: int = 64) -> float:
+    """Mean negative log-likelihood of the codes given the captions, in bits per token."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(data)))
+        text_ids, text_mask, codes = data.rows(index, device)
+        logits = model(text_ids, text_mask, codes)
+        total += float(F.cross_entropy(logits.flatten(0, 1), codes.flatten(), reduction="sum"))
+        count += codes.numel()
+    return total / count / math.log(2)

@@ -1,0 +1,158 @@
+"""The decoder training step on real encoded data: one process vs torchrun, bundle, CLI."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+
+from parti_ops.components.encode import encode_step
+from parti_ops.components.ingest import ingest
+from parti_ops.components.synth import synthesize
+from parti_ops.components.tokenizers import image_tokenizer_step, text_tokenizer_step
+from parti_ops.components.train import REPORT, SAMPLES, TrainError, train_step
+from parti_ops.components.validate import validate
+from parti_ops.model.config import Config
+from parti_ops.model.generate import TextToImage
+
+SMALL = {
+    "data.image_size": 32,
+    "image_tokenizer.channels": 8,
+    "image_tokenizer.latent_dim": 16,
+    "image_tokenizer.codebook_size": 64,
+    "image_tokenizer.codebook_dim": 4,
+    "image_tokenizer.batch_size": 8,
+    "image_tokenizer.steps": 6,
+    "image_tokenizer.warmup_steps": 2,
+    "text_tokenizer.max_length": 24,
+    "parti.d_model": 32,
+    "parti.encoder_layers": 1,
+    "parti.decoder_layers": 2,
+    "train.steps": 6,
+    "train.batch_size": 8,
+    "train.warmup_steps": 2,
+    "train.log_every": 1,
+    "train.checkpoint_every": 3,
+}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("parti")
+    config = Config.load("tiny", overrides={**SMALL, "data.num_images": 100})
+    synthesize(root / "raw", config.data)
+    ingest(root / "raw", root / "canonical", config.data)
+    validate(root / "canonical", root / "validated", config.data)
+    accepted = root / "validated" / "accepted"
+    paths = {"text": root / "text", "image": root / "image", "encoded": root / "encoded"}
+    text_tokenizer_step(config.to_json(), "", str(accepted), str(paths["text"]))
+    image_tokenizer_step(config.to_json(), "", str(accepted), str(paths["image"]))
+    encode_step(
+        config.to_json(), "", str(accepted), str(paths["text"]), str(paths["image"]),
+        str(paths["encoded"]),
+    )  # fmt: skip
+    return paths
+
+
+def _train(tmp_path: Path, inputs: dict[str, Path], name: str, **overrides) -> dict:
+    config = Config.load(
+        "tiny", overrides={**SMALL, "work_dir": str(tmp_path / "work"), **overrides}
+    )
+    return train_step(
+        config.to_json(),
+        "",
+        str(inputs["encoded"]),
+        str(inputs["text"]),
+        str(inputs["image"]),
+        str(tmp_path / name),
+    )
+
+
+def test_two_torchrun_processes_match_one_process_with_the_same_global_batch(tmp_path, inputs):
+    one = _train(tmp_path, inputs, "one")
+    two = _train(tmp_path, inputs, "two", **{"train.nproc": 2})
+    losses_one = [h["loss"] for h in one["history"]]
+    losses_two = [h["loss"] for h in two["history"]]
+    assert len(losses_one) == len(losses_two) == 6
+    np.testing.assert_allclose(losses_two, losses_one, rtol=1e-4)
+    assert losses_one[0] != losses_one[-1]  # it trained
+    np.testing.assert_allclose(two["test_bits_per_token"], one["test_bits_per_token"], rtol=1e-3)
+
+
+def test_the_step_writes_a_self_contained_bundle_and_an_mlflow_run(tmp_path, inputs):
+    report = _train(tmp_path, inputs, "bundle")
+    out = tmp_path / "bundle"
+    assert json.loads((out / REPORT).read_text()) == report
+    assert report["validation_bits_per_token"] > 0 and report["test_bits_per_token"] > 0
+    samples = Image.open(out / SAMPLES)
+    assert samples.size == (4 * 2 * 32, 2 * 32)  # 8 (sample | reference) pairs, 4 a row
+    bundle = TextToImage.load(out)
+    images = bundle(["a red circle on the left", ""])
+    assert images.shape == (2, 32, 32, 3) and images.dtype.is_floating_point is False
+
+    client = MlflowClient(Config.load("tiny", overrides={"work_dir": str(tmp_path / "work")})
+                          .mlflow_tracking_uri())  # fmt: skip
+    run = client.search_runs(
+        [client.get_experiment_by_name("parti-ops").experiment_id],
+        filter_string="tags.`parti.step` = 'train'",
+    )[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["test_bits_per_token"] == pytest.approx(report["test_bits_per_token"])
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 6
+
+
+def test_data_encoded_with_another_tokenizer_is_refused(tmp_path, inputs):
+    config = Config.load("tiny", overrides={**SMALL, "work_dir": str(tmp_path / "work")})
+    other = tmp_path / "other_text"
+    shutil.copytree(inputs["text"], other)
+    with open(other / "tokenizer_config.json", "a") as f:
+        f.write("\n")  # same tokenizer, other bytes: another version as far as lineage goes
+    for text, message in (
+        (other, "encoded with another text tokenizer"),
+        (inputs["image"], "cannot read the text tokenizer"),
+    ):
+        with pytest.raises(TrainError, match=message):
+            train_step(
+                config.to_json(), "", str(inputs["encoded"]), str(text), str(inputs["image"]),
+                str(tmp_path / "out"),
+            )  # fmt: skip
+
+
+def _parti(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "parti_ops.pipelines.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_generate_same_seed_same_png_and_clear_errors(tmp_path, inputs):
+    _train(tmp_path, inputs, "bundle")
+    model = str(tmp_path / "bundle")
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    for path in (first, second):
+        done = _parti("generate", "--model", model, "--prompt", "a blue star", "--seed", "3",
+                      "--out", str(path))  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    assert first.read_bytes() == second.read_bytes()
+    assert Image.open(first).size == (32, 32)
+
+    bad = _parti("generate", "--model", model, "--prompt", "x", "--guidance-scale", "nan")
+    assert bad.returncode == 1 and "guidance_scale=nan" in bad.stderr
+    bad = _parti("generate", "--model", model, "--prompt", "x", "--top-p", "0")
+    assert bad.returncode == 1 and "top_p=0.0" in bad.stderr
+    missing = _parti("generate", "--model", str(tmp_path / "nothing"), "--prompt", "x")
+    assert missing.returncode == 1 and "no parti/ folder" in missing.stderr
+    unknown = _parti("train", "--preset", "huge")
+    assert unknown.returncode == 1 and "choose one of: tiny, small" in unknown.stderr
+
+
+def test_an_over_long_prompt_is_truncated_with_a_warning(tmp_path, inputs, caplog):
+    _train(tmp_path, inputs, "bundle")
+    bundle = TextToImage.load(tmp_path / "bundle")
+    ids, mask, null = bundle.encode_prompts(["red " * 100, ""])
+    assert "1 prompt(s) longer than 24 tokens were truncated" in caplog.text
+    assert ids.shape[1] == 24 and mask[0].all() and ids[0, -1] == bundle.tokenizer.eos_token_id
+    assert null.tolist() == [False, True]  # the empty prompt samples unconditionally
