@@ -35,6 +35,8 @@ lint: install
 bench: install
 	$(BIN)/python bench/data.py
 	$(BIN)/python bench/tokenizer.py
+	$(BIN)/python bench/sampling.py
+	$(BIN)/python bench/train.py
 
 compile: install  ## refresh the committed pipeline YAML
 	$(BIN)/parti pipeline compile --out pipelines/parti_pipeline.yaml

@@ -67,7 +67,7 @@ def main() -> None:
                 "preset": args.preset,
                 "device": torch.cuda.get_device_name()
                 if device == "cuda"
-                else platform.processor(),
+                else platform.machine(),
                 "threads": torch.get_num_threads(),
                 "parameters": model.num_parameters(),
                 "image_tokens": model.dims.image_length,

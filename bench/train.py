@@ -82,7 +82,7 @@ def main() -> None:
         "preset": args.preset,
         "device": torch.cuda.get_device_name()
         if torch.cuda.is_available()
-        else platform.processor(),
+        else platform.machine(),
         "torch": torch.__version__,
         "batch_size": config.train.batch_size,
         "tokens_per_example": dims.image_length,

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 REPORT = "training_report.json"
 SAMPLES = "samples.png"
+PREEMPTED = "preempted"  # left by rank 0 when torchrun processes stopped on SIGTERM
 HELDOUT_SPLITS = ("validation", "test")  # unseen prompts; test: unseen (colour, shape) pairs
 
 
@@ -237,20 +238,18 @@ def _launch(config_json, parent_run_id, encoded_dir, text_dir, image_dir, out_di
         f"--nproc-per-node={nproc}", "-m", "parti_ops.components.train", str(args),
     ]  # fmt: skip
     log.info("starting %d training processes: %s", nproc, " ".join(command))
-    child = subprocess.Popen(command)
-    # SIGTERM is passed on: torchrun hands it to every process, which checkpoint and exit.
-    preempted = []
-
-    def forward(signum: int, frame: object) -> None:
-        preempted.append(signum)
-        child.send_signal(signal.SIGTERM)
-
-    previous = signal.signal(signal.SIGTERM, forward)
+    marker = out / PREEMPTED
+    marker.unlink(missing_ok=True)
+    # SIGTERM is passed on: torchrun hands it to every process, which checkpoint and exit
+    # 143; rank 0 leaves a marker, since torchrun itself then exits with 1.
+    children: list[subprocess.Popen] = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: [c.terminate() for c in children])
     try:
-        code = child.wait()
+        children.append(subprocess.Popen(command))
+        code = children[0].wait()
     finally:
-        signal.signal(signal.SIGTERM, previous)
-    if preempted or code == PREEMPTED_EXIT_CODE:
+        signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)
+    if marker.exists():
         raise SystemExit(PREEMPTED_EXIT_CODE)
     if code:
         raise TrainError(f"torchrun exited with code {code}; its processes' errors are above")
@@ -260,12 +259,18 @@ def _launch(config_json, parent_run_id, encoded_dir, text_dir, image_dir, out_di
 def main(argv: list[str]) -> None:
     """Entry point of each torchrun process: `python -m parti_ops.components.train launch.json`."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from parti_ops.model.checkpoint import PREEMPTED_EXIT_CODE, CheckpointError
+
     kwargs = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
     resume = kwargs.pop("resume")
     try:
         train_step(**kwargs, resume=resume)
-    except (TrainError, EncodedFormatError) as err:
+    except (TrainError, EncodedFormatError, CheckpointError) as err:
         raise SystemExit(f"train: {err}") from None
+    except SystemExit as stop:
+        if stop.code == PREEMPTED_EXIT_CODE and os.environ.get("RANK") == "0":
+            (Path(kwargs["out_dir"]) / PREEMPTED).write_text("preempted: resume from checkpoints\n")
+        raise
 
 
 if __name__ == "__main__":

@@ -101,6 +101,9 @@ class TextTokenizerConfig:
         _check(self.max_length >= 3, "text_tokenizer.max_length must be >= 3 (<s>, a token, </s>)")
 
 
+ARCHITECTURES = ("conv", "patch", "vit")
+
+
 @dataclass(frozen=True)
 class ImageTokenizerConfig:
     """The VQGAN image tokenizer (ViT-VQGAN's factorised, l2-normalised codes; Yu et al. 2021).
@@ -110,7 +113,9 @@ class ImageTokenizerConfig:
     nearest of `codebook_size` codes (cosine similarity), whose index is the token.
     """
 
-    architecture: str = "conv"  # "conv" (VQGAN) or "vit" (ViT-VQGAN) encoder and decoder
+    # "conv": VQGAN's conv encoder and decoder; "patch": an encoder that sees each code's
+    # own pixels only (predictable codes), conv decoder; "vit": ViT-VQGAN's Transformers.
+    architecture: str = "conv"
     downsample: int = 4  # pixels per code along a side: a power of two
     channels: int = 16  # conv: width at full resolution, doubled per halving; vit: model width
     res_blocks: int = 1  # conv: residual blocks per resolution
@@ -154,7 +159,7 @@ class ImageTokenizerConfig:
 
     def __post_init__(self) -> None:
         p = "image_tokenizer."
-        _check(self.architecture in ("conv", "vit"), f"{p}architecture: conv|vit")
+        _check(self.architecture in ARCHITECTURES, f"{p}architecture: {'|'.join(ARCHITECTURES)}")
         _check(
             self.downsample >= 2 and self.downsample & (self.downsample - 1) == 0,
             f"{p}downsample={self.downsample}: use a power of two >= 2",
@@ -230,12 +235,14 @@ class PartiConfig:
 class TrainConfig:
     """Decoder training: one `fit()` for CPU, one GPU, or many processes under torchrun."""
 
-    steps: int = 2000
+    # The CPU preset: 1800 steps of 16 take 9.4 minutes on 2 cores (12k tokens/s), and
+    # measured lower held-out NLL than 900 steps of 32 at lr 1e-3 in the same time.
+    steps: int = 1800
     # Global batch per optimiser step, over all processes and accumulation steps; each
     # process takes batch_size / (processes * grad_accum) rows per micro-step.
-    batch_size: int = 32
+    batch_size: int = 16
     grad_accum: int = 1
-    lr: float = 1e-3
+    lr: float = 2e-3
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     weight_decay: float = 0.01  # AdamW; matrices only, not norms, biases or embeddings' rows

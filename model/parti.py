@@ -133,8 +133,11 @@ class DecoderLayer(nn.Module):
         """x (B, n, D) at the n positions after the cached past → (x, (k, v) with x's appended)."""
         h = self.norm1(x)
         k_new, v_new = self.self_attn.keys_values(h)
-        k, v = torch.cat([past[0], k_new], dim=2), torch.cat([past[1], v_new], dim=2)
         n, seen = x.shape[1], past[0].shape[2]
+        if seen:
+            k, v = torch.cat([past[0], k_new], dim=2), torch.cat([past[1], v_new], dim=2)
+        else:  # nothing cached (training, prefill): no copy, and no cast of bf16 keys
+            k, v = k_new, v_new
         if n == 1:  # one new position sees everything before it
             x = x + self.self_attn(h, k, v)
         elif seen == 0:

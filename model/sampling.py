@@ -50,12 +50,15 @@ def sample_logits(
         before = sorted_probs.cumsum(dim=-1) - sorted_probs
         sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    # Inverse-CDF draw with one uniform number per row from that row's generator.
+    # Inverse-CDF draw with one uniform number per row from that row's generator: the
+    # first token whose cumulative mass exceeds u. Filtered tokens (probability 0) are
+    # never taken, even where a GPU's cumsum rounds differently.
     u = torch.stack([torch.rand((), generator=g) for g in generators]).to(probs.device)
     cdf = probs.cumsum(dim=-1)
-    u = u * cdf[:, -1]
-    tokens = torch.searchsorted(cdf, u[:, None], right=True).squeeze(1)
-    return tokens.clamp(max=probs.shape[-1] - 1)
+    allowed = probs > 0
+    above = (cdf > (u * cdf[:, -1])[:, None]) & allowed
+    last_allowed = probs.shape[-1] - 1 - allowed.flip(-1).int().argmax(dim=-1)
+    return torch.where(above.any(dim=-1), above.int().argmax(dim=-1), last_allowed)
 
 
 def _batch_for_guidance(

@@ -35,6 +35,7 @@ from parti_ops.model.checkpoint import (
     check_same_config,
     latest_checkpoint,
     list_checkpoints,
+    load_checkpoint,
     optimizer_tensors,
     restore_optimizer,
     save_checkpoint,
@@ -94,6 +95,7 @@ class _Processes:
     rank: int
     world: int
     device: torch.device
+    owns_group: bool = False  # this process started the process group, and ends it
 
     @classmethod
     def start(cls) -> _Processes:
@@ -105,9 +107,23 @@ class _Processes:
             device = torch.device("cuda", local)
         else:
             device = torch.device("cpu")
-        if world > 1 and not dist.is_initialized():
+        owner = world > 1 and not dist.is_initialized()
+        if owner:
             dist.init_process_group("nccl" if cuda else "gloo")
-        return cls(rank=int(os.environ.get("RANK", "0")), world=world, device=device)
+        rank = int(os.environ.get("RANK", "0"))
+        return cls(rank=rank, world=world, device=device, owns_group=owner)
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def share(self, value: Any) -> Any:
+        """Rank 0's value, on every process."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def any(self, flag: bool) -> bool:
         """True on every process if it is True on any (e.g. one of them got SIGTERM)."""
@@ -200,21 +216,39 @@ def fit(
         progress: called on rank 0 with (step, total) after each step.
     """
     procs = _Processes.start()
+    try:
+        return _fit(procs, config, train, dims, data, Path(out_dir), resume, log_metrics, progress)
+    finally:
+        procs.close()
+
+
+def _fit(
+    procs: _Processes,
+    config: PartiConfig,
+    train: TrainConfig,
+    dims: PartiDims,
+    data: CodeData,
+    out: Path,
+    resume: bool,
+    log_metrics: MetricsLogger | None,
+    progress: Callable[[int, int], None] | None,
+) -> Parti:
+    if train.batch_size % (procs.world * train.grad_accum):
+        raise ValueError(
+            f"train.batch_size={train.batch_size} must be a multiple of processes * grad_accum"
+            f" ({procs.world} * {train.grad_accum})"
+        )
     micro = train.batch_size // (procs.world * train.grad_accum)
-    if micro < 1:
-        raise ValueError(f"train.batch_size={train.batch_size} is smaller than the processes")
-    out = Path(out_dir)
     ckpt_dir = out / CHECKPOINTS
     torch.manual_seed(train.seed)
     model = Parti(config=config, dims=dims).to(procs.device)
     optimizer = _optimizer(model, train)
     step = 0
     if resume:
-        path, tensors, meta = latest_checkpoint(ckpt_dir)
+        path, tensors, meta = _resume_from(procs, ckpt_dir)
         check_same_config(meta["config"], fingerprint(config, train, dims), MODEL_FIELDS, path)
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         restore_optimizer("optimizer", optimizer, tensors, meta["optimizer"])
-        torch.set_rng_state(tensors["rng.torch"])
         step = int(meta["step"])
         if procs.rank == 0:
             log.info("resumed from %s (step %d of %d)", path, step, train.steps)
@@ -236,11 +270,12 @@ def fit(
         if procs.rank == 0:
             tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
             opt_tensors, opt_meta = optimizer_tensors("optimizer", optimizer)
-            tensors |= opt_tensors | {"rng.torch": torch.get_rng_state()}
+            tensors |= opt_tensors
             meta = {
                 "config": fingerprint(config, train, dims),
                 "optimizer": opt_meta,
-                # The data position and the learning rate follow from the step.
+                # The data position, the learning rate and the dropout seeds follow from
+                # the step: batch_indices, lr_factor, one seed per micro-step.
                 "rows_seen": step * train.batch_size,
                 "lr": train.lr * lr_factor(step, train),
             }
@@ -269,6 +304,9 @@ def fit(
             for i, part in enumerate(_chunks(rows[mine], drops[mine], micro)):
                 # Gradients are averaged across processes on the last micro-step only.
                 last = i == train.grad_accum - 1
+                # Dropout draws from a seed per (step, process, micro-step), so a resumed
+                # run needs no generator state to continue exactly, on CPU or GPU.
+                torch.manual_seed(hash((train.seed, step, procs.rank, i)) % 2**63)
                 with contextlib.nullcontext() if last or ddp is None else ddp.no_sync():
                     text_ids, text_mask, codes = data.rows(part[0], procs.device)
                     with _autocast(train, procs.device):
@@ -307,6 +345,21 @@ def fit(
         model.save_pretrained(out / MODEL)
     procs.barrier()
     return model
+
+
+def _resume_from(procs: _Processes, folder: Path) -> tuple[Path, dict, dict]:
+    """The newest good checkpoint, chosen by rank 0 (which sets bad ones aside) for all."""
+    found: tuple[Path, dict, dict] | None = None
+    error = None
+    if procs.rank == 0:
+        try:
+            found = latest_checkpoint(folder)
+        except CheckpointError as err:
+            error = str(err)
+    path, error = procs.share((found[0] if found else None, error))
+    if error:
+        raise CheckpointError(error)
+    return found if found else (path, *load_checkpoint(path))
 
 
 def _chunks(

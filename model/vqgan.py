@@ -75,6 +75,46 @@ class ConvEncoder(nn.Module):
         return self.net(images)  # (B, latent_dim, h, w)
 
 
+class PatchEncoder(nn.Module):
+    """Each code sees only its own downsample² pixels: a strided patch conv, then 1x1 blocks.
+
+    With no context around the patch, equal patches get equal codes (a plain background
+    is one code per colour wherever it is), which makes the code sequence far more
+    predictable for the autoregressive decoder than a wide receptive field does.
+    """
+
+    def __init__(self, cfg: ImageTokenizerConfig):
+        super().__init__()
+        width = _widths(cfg)[-1]
+        layers: list[nn.Module] = [nn.Conv2d(3, width, cfg.downsample, stride=cfg.downsample)]
+        for _ in range(max(1, cfg.res_blocks) * 2):
+            layers.append(_PointwiseBlock(width))
+        layers += [_ChannelNorm(width), nn.SiLU(), nn.Conv2d(width, cfg.latent_dim, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)  # (B, latent_dim, h, w)
+
+
+class _ChannelNorm(nn.LayerNorm):
+    """LayerNorm over the channels of each position (GroupNorm would pool over the image)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class _PointwiseBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            _ChannelNorm(channels), nn.SiLU(), nn.Conv2d(channels, 2 * channels, 1), nn.SiLU(),
+            nn.Conv2d(2 * channels, channels, 1),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
 class ConvDecoder(nn.Module):
     def __init__(self, cfg: ImageTokenizerConfig):
         super().__init__()
@@ -160,6 +200,8 @@ class VQGAN(nn.Module):
         if config.architecture == "vit":
             self.encoder: nn.Module = ViTEncoder(config, image_size)
             self.decoder: nn.Module = ViTDecoder(config, image_size)
+        elif config.architecture == "patch":
+            self.encoder, self.decoder = PatchEncoder(config), ConvDecoder(config)
         else:
             self.encoder, self.decoder = ConvEncoder(config), ConvDecoder(config)
         self.quantizer = FactorizedQuantizer(

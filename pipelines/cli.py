@@ -452,6 +452,7 @@ def run(
             "text tokenizer": result.text_tokenizer,
             "image tokenizer": result.image_tokenizer,
             "encoded data": result.encoded,
+            "model bundle": result.model,
             "MLflow store": result.tracking_uri,
         },
     )

@@ -52,7 +52,7 @@ def _images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(np.stack(pictures))
 
 
-@pytest.mark.parametrize("architecture", ["conv", "vit"])
+@pytest.mark.parametrize("architecture", ["conv", "patch", "vit"])
 def test_codes_have_the_grid_shape_and_decode_back(architecture):
     config = dataclasses.replace(TINY, architecture=architecture)
     model = VQGAN(config=config, image_size=16).eval()
@@ -215,3 +215,16 @@ def test_perceptual_loss_runs_on_a_local_vision_model(tmp_path):
     assert not any(p.requires_grad for p in loss.parameters())
     with pytest.raises(FileNotFoundError, match="perceptual_model"):
         PerceptualLoss(tmp_path / "nowhere")
+
+
+def test_the_patch_encoder_sees_only_each_codes_own_pixels():
+    model = VQGAN(config=dataclasses.replace(TINY, architecture="patch"), image_size=16).eval()
+    x = to_unit(_images(1))
+    y = x.clone()
+    y[:, :, :4, :4] = torch.rand(1, 3, 4, 4)  # the top-left code's patch only
+    with torch.no_grad():
+        before, after = model.encoder(x), model.encoder(y)
+    changed = (before - after).abs().amax(dim=1)[0] > 0  # (h, w)
+    expected = torch.zeros(4, 4, dtype=torch.bool)
+    expected[0, 0] = True
+    assert torch.equal(changed, expected)

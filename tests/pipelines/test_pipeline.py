@@ -28,6 +28,11 @@ QUICK = {
     "image_tokenizer.steps": 4,
     "image_tokenizer.batch_size": 8,
     "image_tokenizer.channels": 8,
+    "parti.d_model": 32,
+    "parti.decoder_layers": 1,
+    "train.steps": 3,
+    "train.batch_size": 8,
+    "train.warmup_steps": 1,
 }
 
 
@@ -47,7 +52,8 @@ def test_local_run_writes_artifacts_and_nested_mlflow_runs(tmp_path):
     runs = _runs(config)
     parent = next(r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags)
     assert parent.info.status == "FINISHED"
-    for step in ("synth", "ingest", "validate", "text-tokenizer", "image-tokenizer", "encode"):
+    steps = ("synth", "ingest", "validate", "text-tokenizer", "image-tokenizer", "encode", "train")
+    for step in steps:
         assert runs[step].data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert runs[step].info.status == "FINISHED"
     digest = dvc_md5(result.run_dir / "ingest-op" / "raw")
@@ -68,6 +74,20 @@ def test_local_run_writes_artifacts_and_nested_mlflow_runs(tmp_path):
     assert (result.image_tokenizer / "reconstructions.png").exists()
     html = next(result.run_dir.glob("image-tokenizer-op/reconstructions*"))
     assert "data:image/png;base64," in html.read_text()
+    trained = json.loads((result.model / "training_report.json").read_text())
+    assert [h["step"] for h in trained["history"]] == [3]
+    assert (result.model / "parti" / "model.safetensors").exists()
+    assert runs["train"].data.metrics["test_bits_per_token"] == trained["test_bits_per_token"]
+
+
+def test_the_training_step_asks_for_gpus_when_configured(tmp_path):
+    config = Config.load(
+        "tiny", overrides={"train.accelerator": "NVIDIA_TESLA_T4", "train.nproc": 2}
+    )
+    spec = compile_pipeline(tmp_path / "gpu.yaml", config).read_text()
+    resources = spec.split("exec-train-op:")[1]
+    assert "resourceType: NVIDIA_TESLA_T4" in resources and "resourceCount: '2'" in resources
+    assert "resourceType" not in COMPILED.read_text()  # the tiny preset runs on CPU
 
 
 def test_failed_validation_fails_the_run_and_marks_mlflow_failed(tmp_path):
