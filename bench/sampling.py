@@ -65,9 +65,7 @@ def main() -> None:
             {
                 "bench": "sampling",
                 "preset": args.preset,
-                "device": torch.cuda.get_device_name()
-                if device == "cuda"
-                else platform.machine(),
+                "device": torch.cuda.get_device_name() if device == "cuda" else platform.machine(),
                 "threads": torch.get_num_threads(),
                 "parameters": model.num_parameters(),
                 "image_tokens": model.dims.image_length,

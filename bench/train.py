@@ -80,9 +80,7 @@ def main() -> None:
     result = {
         "bench": "train",
         "preset": args.preset,
-        "device": torch.cuda.get_device_name()
-        if torch.cuda.is_available()
-        else platform.machine(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.machine(),
         "torch": torch.__version__,
         "batch_size": config.train.batch_size,
         "tokens_per_example": dims.image_length,
