@@ -243,13 +243,22 @@ def _launch(config_json, parent_run_id, encoded_dir, text_dir, image_dir, out_di
     # SIGTERM is passed on: torchrun hands it to every process, which checkpoint and exit
     # 143; rank 0 leaves a marker, since torchrun itself then exits with 1.
     children: list[subprocess.Popen] = []
-    previous = signal.signal(signal.SIGTERM, lambda *_: [c.terminate() for c in children])
+    stopped: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        stopped.append(signum)
+        for child in children:
+            child.terminate()
+
+    previous = signal.signal(signal.SIGTERM, forward)
     try:
         children.append(subprocess.Popen(command))
         code = children[0].wait()
     finally:
         signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)
-    if marker.exists():
+    # Stopped before the processes could checkpoint (still starting), the step is
+    # preempted all the same: nothing is lost, a retry starts or resumes it.
+    if marker.exists() or (stopped and code):
         raise SystemExit(PREEMPTED_EXIT_CODE)
     if code:
         raise TrainError(f"torchrun exited with code {code}; its processes' errors are above")

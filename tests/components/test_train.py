@@ -2,8 +2,10 @@
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from parti_ops.components.synth import synthesize
 from parti_ops.components.tokenizers import image_tokenizer_step, text_tokenizer_step
 from parti_ops.components.train import REPORT, SAMPLES, TrainError, train_step
 from parti_ops.components.validate import validate
+from parti_ops.model.checkpoint import PREEMPTED_EXIT_CODE, list_checkpoints
 from parti_ops.model.config import Config
 from parti_ops.model.generate import TextToImage
 
@@ -156,3 +159,33 @@ def test_an_over_long_prompt_is_truncated_with_a_warning(tmp_path, inputs, caplo
     assert "1 prompt(s) longer than 24 tokens were truncated" in caplog.text
     assert ids.shape[1] == 24 and mask[0].all() and ids[0, -1] == bundle.tokenizer.eos_token_id
     assert null.tolist() == [False, True]  # the empty prompt samples unconditionally
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_torchrun_training_checkpoints_exits_143_and_resumes(tmp_path, inputs):
+    out = tmp_path / "preempted"
+    long_run = {"train.steps": 3000, "train.nproc": 2, "train.checkpoint_every": 50}
+    sets = [f"{k}={v}" for k, v in {**SMALL, **long_run}.items()]
+    command = [
+        sys.executable, "-m", "parti_ops.pipelines.cli", "train",
+        "--encoded", str(inputs["encoded"]), "--text", str(inputs["text"]),
+        "--image", str(inputs["image"]), "--out", str(out),
+        "--set", f"work_dir={tmp_path / 'work'}", *[a for s in sets for a in ("--set", s)],
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list_checkpoints(out / "checkpoints"):  # wait until the processes train
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    rest = process.stderr.read()
+    assert process.wait(timeout=120) == PREEMPTED_EXIT_CODE, rest[-3000:]
+    assert (out / "preempted").exists() and "preempted at step" in rest
+    step = int(list_checkpoints(out / "checkpoints")[-1].stem.split("-")[1])
+    assert 50 <= step < 3000
+
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    report = json.loads((out / REPORT).read_text())
+    assert report["history"][-1]["step"] == 3000
+    assert not (out / "preempted").exists()
