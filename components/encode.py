@@ -159,10 +159,8 @@ def encode(
     return body
 
 
-def load_encoded(encoded_dir: str | Path, split: str) -> dict[str, np.ndarray]:
-    """All shards of one split, checked against the manifest's sha256s, concatenated."""
-    from safetensors.numpy import load_file
-
+def read_encoded_manifest(encoded_dir: str | Path) -> dict[str, Any]:
+    """An encoded folder's manifest, after checking that it is one `encode` wrote."""
     folder = Path(encoded_dir)
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
@@ -172,6 +170,15 @@ def load_encoded(encoded_dir: str | Path, split: str) -> dict[str, np.ndarray]:
         ) from None
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise EncodedFormatError(f"{folder}: not a {FORMAT} v{FORMAT_VERSION} folder; re-encode")
+    return manifest
+
+
+def load_encoded(encoded_dir: str | Path, split: str) -> dict[str, np.ndarray]:
+    """All shards of one split, checked against the manifest's sha256s, concatenated."""
+    from safetensors.numpy import load_file
+
+    folder = Path(encoded_dir)
+    manifest = read_encoded_manifest(folder)
     if split not in manifest["splits"]:
         raise EncodedFormatError(
             f"{folder}: no split {split!r}; it has {sorted(manifest['splits'])}"

@@ -22,6 +22,7 @@ from parti_ops.model.scenes import compare, read_scene
 
 log = logging.getLogger(__name__)
 
+# Unseen captions; test: (colour, shape) pairs never seen in training.
 HELDOUT_SPLITS = ("validation", "test")
 
 

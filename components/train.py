@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from parti_ops.components.encode import MANIFEST, EncodedFormatError, load_encoded
+from parti_ops.components.encode import EncodedFormatError, load_encoded, read_encoded_manifest
+from parti_ops.components.evaluate import HELDOUT_SPLITS
 from parti_ops.components.shards import write_json
 from parti_ops.components.tokenizers import IMAGE_FILES, TEXT_FILES
 from parti_ops.components.versioning import files_digest
@@ -32,7 +33,6 @@ log = logging.getLogger(__name__)
 REPORT = "training_report.json"
 SAMPLES = "samples.png"
 PREEMPTED = "preempted"  # left by rank 0 when torchrun processes stopped on SIGTERM
-HELDOUT_SPLITS = ("validation", "test")  # unseen prompts; test: unseen (colour, shape) pairs
 
 
 class TrainError(ValueError):
@@ -116,11 +116,12 @@ def _train(config, manifest, encoded_dir, text_dir, image_dir, out: Path, resume
         "train_rows": len(data),
         "history": history,
     }
+    heldout = data  # the sample grid's captions: the last held-out split, else training
     for split in HELDOUT_SPLITS:
         if split in manifest["splits"]:
             heldout = CodeData.from_arrays(load_encoded(encoded_dir, split), dims.text_length)
             report[f"{split}_bits_per_token"] = heldout_nll(model, heldout)
-    _sample_grid(config, out, encoded_dir, manifest)
+    _sample_grid(config, out, heldout)
     write_json(out / REPORT, report)
     run.log(
         metrics={k: v for k, v in report.items() if isinstance(v, int | float)},
@@ -142,12 +143,7 @@ def _tracking(config, parent_run_id: str):
 
 def _check_inputs(encoded_dir: str, text_dir: str, image_dir: str) -> dict[str, Any]:
     """The encoded manifest, after checking it was made by these tokenizers."""
-    try:
-        manifest = json.loads((Path(encoded_dir) / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise TrainError(
-            f"{encoded_dir}: no readable {MANIFEST} ({err}); run `parti tokenizer encode` first"
-        ) from None
+    manifest = read_encoded_manifest(encoded_dir)
     for key, folder, files in (
         ("text_tokenizer", text_dir, TEXT_FILES),
         ("image_tokenizer", image_dir, IMAGE_FILES),
@@ -179,19 +175,16 @@ def _copy_tokenizers(text_dir: str, image_dir: str, out: Path) -> None:
                 shutil.copy2(Path(folder) / file, target / file)
 
 
-def _sample_grid(config, out: Path, encoded_dir: str, manifest: dict[str, Any], rows: int = 8):
-    """Samples for the first held-out captions beside the reference images' reconstructions."""
+def _sample_grid(config, out: Path, data, rows: int = 8) -> None:
+    """Samples for the first captions of `data` beside their reference images' reconstructions."""
     import torch
 
     from parti_ops.model.generate import TextToImage
     from parti_ops.model.sampling import generate_codes
-    from parti_ops.model.train import CodeData
     from parti_ops.model.vqgan import to_uint8
     from parti_ops.model.vqgan_train import reconstruction_grid
 
-    split = next((s for s in HELDOUT_SPLITS[::-1] if s in manifest["splits"]), "train")
-    bundle = TextToImage.load(out)
-    data = CodeData.from_arrays(load_encoded(encoded_dir, split), bundle.parti.dims.text_length)
+    bundle = TextToImage.load(out)  # from the bundle's files, which this also checks
     index = torch.arange(min(rows, len(data)))
     text_ids, text_mask, codes = data.rows(index, torch.device("cpu"))
     s = config.sample

@@ -89,6 +89,15 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.fullmatch(p.name).group(1)))  # type: ignore[union-attr]
 
 
+def refuse_to_overwrite(folder: str | Path) -> None:
+    """A fresh run where checkpoints already are is an error: resume, or use another folder."""
+    if list_checkpoints(folder):
+        raise CheckpointError(
+            f"{folder} already holds checkpoints; pass --resume to continue that run,"
+            " or use another output folder"
+        )
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read and verify one checkpoint; CheckpointError says what is wrong with it."""
     path = Path(path)

@@ -34,9 +34,9 @@ from parti_ops.model.checkpoint import (
     StopOnSigterm,
     check_same_config,
     latest_checkpoint,
-    list_checkpoints,
     load_checkpoint,
     optimizer_tensors,
+    refuse_to_overwrite,
     restore_optimizer,
     save_checkpoint,
 )
@@ -252,11 +252,8 @@ def _fit(
         step = int(meta["step"])
         if procs.rank == 0:
             log.info("resumed from %s (step %d of %d)", path, step, train.steps)
-    elif list_checkpoints(ckpt_dir):
-        raise CheckpointError(
-            f"{ckpt_dir} already holds checkpoints; pass --resume to continue that run,"
-            " or use another output folder"
-        )
+    else:
+        refuse_to_overwrite(ckpt_dir)
     procs.barrier()  # no process reads checkpoints that another is about to write
     stepper: torch.nn.Module = model
     ddp = None

@@ -23,12 +23,11 @@ from PIL import Image
 
 from parti_ops.model.checkpoint import (
     PREEMPTED_EXIT_CODE,
-    CheckpointError,
     StopOnSigterm,
     check_same_config,
     latest_checkpoint,
-    list_checkpoints,
     optimizer_tensors,
+    refuse_to_overwrite,
     restore_optimizer,
     save_checkpoint,
 )
@@ -138,11 +137,8 @@ def train_vqgan(
         check_same_config(meta["config"], state.fingerprint(), MODEL_FIELDS, path)
         state.restore(tensors, meta)
         log.info("resumed from %s (step %d of %d)", path, state.step, config.steps)
-    elif list_checkpoints(ckpt_dir):
-        raise CheckpointError(
-            f"{ckpt_dir} already holds checkpoints; pass --resume to continue that run,"
-            " or use another output folder"
-        )
+    else:
+        refuse_to_overwrite(ckpt_dir)
     if config.compile:
         state.model.encoder.compile()
         state.model.decoder.compile()
