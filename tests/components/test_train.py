@@ -6,79 +6,23 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from parti_ops.components.encode import encode_step
-from parti_ops.components.ingest import ingest
-from parti_ops.components.synth import synthesize
-from parti_ops.components.tokenizers import image_tokenizer_step, text_tokenizer_step
 from parti_ops.components.train import REPORT, SAMPLES, TrainError, train_step
-from parti_ops.components.validate import validate
 from parti_ops.model.checkpoint import PREEMPTED_EXIT_CODE, list_checkpoints
 from parti_ops.model.config import Config
 from parti_ops.model.generate import TextToImage
 
-SMALL = {
-    "data.image_size": 32,
-    "image_tokenizer.channels": 8,
-    "image_tokenizer.latent_dim": 16,
-    "image_tokenizer.codebook_size": 64,
-    "image_tokenizer.codebook_dim": 4,
-    "image_tokenizer.batch_size": 8,
-    "image_tokenizer.steps": 6,
-    "image_tokenizer.warmup_steps": 2,
-    "text_tokenizer.max_length": 24,
-    "parti.d_model": 32,
-    "parti.encoder_layers": 1,
-    "parti.decoder_layers": 2,
-    "train.steps": 6,
-    "train.batch_size": 8,
-    "train.warmup_steps": 2,
-    "train.log_every": 1,
-    "train.checkpoint_every": 3,
-}
 
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("parti")
-    config = Config.load("tiny", overrides={**SMALL, "data.num_images": 100})
-    synthesize(root / "raw", config.data)
-    ingest(root / "raw", root / "canonical", config.data)
-    validate(root / "canonical", root / "validated", config.data)
-    accepted = root / "validated" / "accepted"
-    paths = {"text": root / "text", "image": root / "image", "encoded": root / "encoded"}
-    text_tokenizer_step(config.to_json(), "", str(accepted), str(paths["text"]))
-    image_tokenizer_step(config.to_json(), "", str(accepted), str(paths["image"]))
-    encode_step(
-        config.to_json(), "", str(accepted), str(paths["text"]), str(paths["image"]),
-        str(paths["encoded"]),
-    )  # fmt: skip
-    return paths
-
-
-def _train(tmp_path: Path, inputs: dict[str, Path], name: str, **overrides) -> dict:
-    config = Config.load(
-        "tiny", overrides={**SMALL, "work_dir": str(tmp_path / "work"), **overrides}
-    )
-    return train_step(
-        config.to_json(),
-        "",
-        str(inputs["encoded"]),
-        str(inputs["text"]),
-        str(inputs["image"]),
-        str(tmp_path / name),
-    )
-
-
-def test_two_torchrun_processes_match_one_process_with_the_same_global_batch(tmp_path, inputs):
-    one = _train(tmp_path, inputs, "one")
-    two = _train(tmp_path, inputs, "two", **{"train.nproc": 2})
+def test_two_torchrun_processes_match_one_process_with_the_same_global_batch(
+    tmp_path, inputs, train_bundle
+):
+    one = train_bundle(tmp_path / "one")
+    two = train_bundle(tmp_path / "two", **{"train.nproc": 2})
     losses_one = [h["loss"] for h in one["history"]]
     losses_two = [h["loss"] for h in two["history"]]
     assert len(losses_one) == len(losses_two) == 6
@@ -87,8 +31,8 @@ def test_two_torchrun_processes_match_one_process_with_the_same_global_batch(tmp
     np.testing.assert_allclose(two["test_bits_per_token"], one["test_bits_per_token"], rtol=1e-3)
 
 
-def test_the_step_writes_a_self_contained_bundle_and_an_mlflow_run(tmp_path, inputs):
-    report = _train(tmp_path, inputs, "bundle")
+def test_the_step_writes_a_self_contained_bundle_and_an_mlflow_run(tmp_path, inputs, train_bundle):
+    report = train_bundle(tmp_path / "bundle")
     out = tmp_path / "bundle"
     assert json.loads((out / REPORT).read_text()) == report
     assert report["validation_bits_per_token"] > 0 and report["test_bits_per_token"] > 0
@@ -98,7 +42,7 @@ def test_the_step_writes_a_self_contained_bundle_and_an_mlflow_run(tmp_path, inp
     images = bundle(["a red circle on the left", ""])
     assert images.shape == (2, 32, 32, 3) and images.dtype.is_floating_point is False
 
-    client = MlflowClient(Config.load("tiny", overrides={"work_dir": str(tmp_path / "work")})
+    client = MlflowClient(Config.load("tiny", overrides={"work_dir": str(tmp_path / "bundle.work")})
                           .mlflow_tracking_uri())  # fmt: skip
     run = client.search_runs(
         [client.get_experiment_by_name("parti-ops").experiment_id],
@@ -109,8 +53,8 @@ def test_the_step_writes_a_self_contained_bundle_and_an_mlflow_run(tmp_path, inp
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 6
 
 
-def test_data_encoded_with_another_tokenizer_is_refused(tmp_path, inputs):
-    config = Config.load("tiny", overrides={**SMALL, "work_dir": str(tmp_path / "work")})
+def test_data_encoded_with_another_tokenizer_is_refused(tmp_path, inputs, small):
+    config = Config.load("tiny", overrides={**small, "work_dir": str(tmp_path / "work")})
     other = tmp_path / "other_text"
     shutil.copytree(inputs["text"], other)
     with open(other / "tokenizer_config.json", "a") as f:
@@ -131,8 +75,8 @@ def _parti(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
-def test_cli_generate_same_seed_same_png_and_clear_errors(tmp_path, inputs):
-    _train(tmp_path, inputs, "bundle")
+def test_cli_generate_same_seed_same_png_and_clear_errors(tmp_path, inputs, train_bundle):
+    train_bundle(tmp_path / "bundle")
     model = str(tmp_path / "bundle")
     first, second = tmp_path / "a.png", tmp_path / "b.png"
     for path in (first, second):
@@ -152,8 +96,8 @@ def test_cli_generate_same_seed_same_png_and_clear_errors(tmp_path, inputs):
     assert unknown.returncode == 1 and "choose one of: tiny, small" in unknown.stderr
 
 
-def test_an_over_long_prompt_is_truncated_with_a_warning(tmp_path, inputs, caplog):
-    _train(tmp_path, inputs, "bundle")
+def test_an_over_long_prompt_is_truncated_with_a_warning(tmp_path, train_bundle, caplog):
+    train_bundle(tmp_path / "bundle")
     bundle = TextToImage.load(tmp_path / "bundle")
     ids, mask, null = bundle.encode_prompts(["red " * 100, ""])
     assert "1 prompt(s) longer than 24 tokens were truncated" in caplog.text
@@ -162,10 +106,10 @@ def test_an_over_long_prompt_is_truncated_with_a_warning(tmp_path, inputs, caplo
 
 
 @pytest.mark.slow
-def test_sigterm_to_a_torchrun_training_checkpoints_exits_143_and_resumes(tmp_path, inputs):
+def test_sigterm_to_a_torchrun_training_checkpoints_exits_143_and_resumes(tmp_path, inputs, small):
     out = tmp_path / "preempted"
     long_run = {"train.steps": 3000, "train.nproc": 2, "train.checkpoint_every": 50}
-    sets = [f"{k}={v}" for k, v in {**SMALL, **long_run}.items()]
+    sets = [f"{k}={v}" for k, v in {**small, **long_run}.items()]
     command = [
         sys.executable, "-m", "parti_ops.pipelines.cli", "train",
         "--encoded", str(inputs["encoded"]), "--text", str(inputs["text"]),

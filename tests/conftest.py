@@ -1,0 +1,83 @@
+"""Fixtures shared across stages: a small real data set, tokenizers, encoded rows, bundles."""
+
+from pathlib import Path
+
+import pytest
+
+from parti_ops.model.config import Config
+
+# Small enough for seconds per step on 2 cores, large enough to exercise every stage.
+SMALL = {
+    "data.image_size": 32,
+    "image_tokenizer.channels": 8,
+    "image_tokenizer.latent_dim": 16,
+    "image_tokenizer.codebook_size": 64,
+    "image_tokenizer.codebook_dim": 4,
+    "image_tokenizer.batch_size": 8,
+    "image_tokenizer.steps": 6,
+    "image_tokenizer.warmup_steps": 2,
+    "text_tokenizer.max_length": 24,
+    "parti.d_model": 32,
+    "parti.encoder_layers": 1,
+    "parti.decoder_layers": 2,
+    "train.steps": 6,
+    "train.batch_size": 8,
+    "train.warmup_steps": 2,
+    "train.log_every": 1,
+    "train.checkpoint_every": 3,
+}
+
+
+@pytest.fixture(scope="session")
+def small() -> dict:
+    """The overrides of the small test configuration (a copy: tests may add to it)."""
+    return dict(SMALL)
+
+
+@pytest.fixture(scope="session")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    """Accepted data, both tokenizers and the encoded rows of a 100-image synthetic set."""
+    from parti_ops.components.encode import encode_step
+    from parti_ops.components.ingest import ingest
+    from parti_ops.components.synth import synthesize
+    from parti_ops.components.tokenizers import image_tokenizer_step, text_tokenizer_step
+    from parti_ops.components.validate import validate
+
+    root = tmp_path_factory.mktemp("parti")
+    config = Config.load("tiny", overrides={**SMALL, "data.num_images": 100})
+    synthesize(root / "raw", config.data)
+    ingest(root / "raw", root / "canonical", config.data)
+    validate(root / "canonical", root / "validated", config.data)
+    accepted = root / "validated" / "accepted"
+    paths = {
+        "accepted": accepted,
+        "text": root / "text",
+        "image": root / "image",
+        "encoded": root / "encoded",
+    }
+    text_tokenizer_step(config.to_json(), "", str(accepted), str(paths["text"]))
+    image_tokenizer_step(config.to_json(), "", str(accepted), str(paths["image"]))
+    encode_step(
+        config.to_json(), "", str(accepted), str(paths["text"]), str(paths["image"]),
+        str(paths["encoded"]),
+    )  # fmt: skip
+    return paths
+
+
+@pytest.fixture(scope="session")
+def train_bundle(inputs):
+    """`train_bundle(out, **overrides)`: run the training step on `inputs`; returns its report.
+
+    MLflow runs go to `<out>.work/`.
+    """
+    from parti_ops.components.train import train_step
+
+    def run(out: Path, **overrides) -> dict:
+        work = out.with_name(out.name + ".work")
+        config = Config.load("tiny", overrides={**SMALL, "work_dir": str(work), **overrides})
+        return train_step(
+            config.to_json(), "", str(inputs["encoded"]), str(inputs["text"]),
+            str(inputs["image"]), str(out),
+        )  # fmt: skip
+
+    return run
