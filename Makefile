@@ -37,6 +37,7 @@ bench: install
 	$(BIN)/python bench/tokenizer.py
 	$(BIN)/python bench/sampling.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/tracking.py
 
 compile: install  ## refresh the committed pipeline YAML
 	$(BIN)/parti pipeline compile --out pipelines/parti_pipeline.yaml

@@ -7,7 +7,7 @@ Each body imports what it needs, as kfp requires of lightweight components.
 """
 
 from kfp import dsl
-from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 
 from parti_ops.components import COMPONENT_IMAGE
 
@@ -238,3 +238,141 @@ def train_op(
         text_tokenizer_digest=encoded.metadata.get("text_tokenizer_digest", ""),
         image_tokenizer_digest=encoded.metadata.get("image_tokenizer_digest", ""),
     )
+
+
+@dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+def scorer_op(
+    config_json: str,
+    parent_run_id: str,
+    validated: Input[Dataset],
+    text_tokenizer: Input[Model],
+    scorer: Output[Model],
+    metrics: Output[Metrics],
+) -> str:
+    """Train the CLIP-style scorer on the accepted train pairs; returns its version."""
+    from pathlib import Path
+
+    from parti_ops.components.scorer import scorer_step
+
+    accepted = str(Path(validated.path) / "accepted")
+    try:
+        report = scorer_step(config_json, parent_run_id, accepted, text_tokenizer.path, scorer.path)
+    except ValueError as err:
+        raise SystemExit(f"scorer: {err}") from None
+    for key, value in report.items():
+        if isinstance(value, float):
+            metrics.log_metric(key, value)
+    scorer.metadata.update(version=report["version"])
+    return report["version"]
+
+
+@dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+def fid_reference_op(
+    config_json: str, validated: Input[Dataset], scorer: Input[Model], references: Output[Dataset]
+):
+    """FID statistics of the real held-out images under the scorer's features.
+
+    Its inputs are the data and the scorer only, so kfp's cache reuses it across runs
+    (and candidate models) until either changes.
+    """
+    from pathlib import Path
+
+    from parti_ops.components.evaluate import FeatureModel, fid_references
+    from parti_ops.model.config import Config
+
+    config = Config.from_json(config_json)
+    accepted = Path(validated.path) / "accepted"
+    features = FeatureModel.load(config.scorer.clip_model or scorer.path)
+    path = fid_references(accepted, features, references.path, config.evaluate.fid_images)
+    references.metadata.update(file=path.name, feature_model=features.version)
+
+
+@dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+def evaluate_op(
+    config_json: str,
+    parent_run_id: str,
+    model: Input[Model],
+    validated: Input[Dataset],
+    scorer: Input[Model],
+    references: Input[Dataset],
+    evaluation: Output[Dataset],
+    metrics: Output[Metrics],
+    report: Output[Markdown],
+):
+    """Held-out NLL, prompt fidelity, CLIP score and FID of the trained bundle."""
+    import shutil
+    from pathlib import Path
+
+    from parti_ops.components.evaluate import REPORT, evaluate_step
+
+    accepted = str(Path(validated.path) / "accepted")
+    try:
+        result = evaluate_step(
+            config_json,
+            parent_run_id,
+            model.path,
+            accepted,
+            scorer.path,
+            references.path,
+            evaluation.path,
+        )
+    except ValueError as err:
+        raise SystemExit(f"evaluate: {err}") from None
+    for key in ("fidelity", "heldout_bits_per_token", "clip_score", "fid"):
+        metrics.log_metric(key, result["metrics"][key])
+    evaluation.metadata.update(**result["key"])
+    shutil.copyfile(Path(evaluation.path) / REPORT, report.path)
+
+
+@dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+def register_op(
+    config_json: str,
+    parent_run_id: str,
+    model: Input[Model],
+    evaluation: Input[Dataset],
+    encoded: Input[Dataset],
+    validated: Input[Dataset],
+    scorer: Input[Model],
+    references: Input[Dataset],
+    decision: Output[Markdown],
+) -> bool:
+    """Register the bundle in MLflow as `challenger` and run the promotion gate.
+
+    A champion evaluated on other data or by another evaluator is re-evaluated here with
+    this run's evaluator first. Returns whether the challenger became champion; a
+    rejection is a decision, not a failure.
+    """
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from parti_ops.components.evaluate import evaluate_bundle
+    from parti_ops.components.registry import register_step
+    from parti_ops.model.config import Config
+
+    config = Config.from_json(config_json)
+    accepted = Path(validated.path) / "accepted"
+    work = Path(tempfile.mkdtemp(prefix="register-"))
+
+    def reevaluate(bundle: Path) -> dict:
+        return evaluate_bundle(
+            config, bundle, accepted, scorer.path, work / "champion", references.path
+        )
+
+    try:
+        report = register_step(
+            config_json,
+            parent_run_id,
+            model.path,
+            evaluation.path,
+            encoded.path,
+            str(work / "decision"),
+            reevaluate=reevaluate,
+        )
+    except ValueError as err:
+        raise SystemExit(f"register: {err}") from None
+    shutil.copyfile(work / "decision" / "decision.md", decision.path)
+    decision.metadata.update(
+        version=str(report.get("version", "")), promoted=bool(report.get("promoted"))
+    )
+    return bool(report.get("promoted"))

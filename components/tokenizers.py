@@ -69,6 +69,21 @@ def load_images(data_dir: str | Path, split: str) -> tuple[torch.Tensor, list[Sc
     return torch.from_numpy(np.stack(images)), scenes
 
 
+def load_pairs(data_dir: str | Path, split: str) -> tuple[torch.Tensor, list[str]]:
+    """The (image, caption) pairs of a split: uint8 (N, H, W, 3) and N captions."""
+    images, captions = [], []
+    for table in iter_split(data_dir, split, ["image", "caption"]):
+        for image, caption in zip(
+            table["image"].to_pylist(), table["caption"].to_pylist(), strict=True
+        ):
+            if caption:
+                images.append(decode_png(image))
+                captions.append(caption)
+    if not images:
+        return torch.empty(0, 0, 0, 3, dtype=torch.uint8), []
+    return torch.from_numpy(np.stack(images)), captions
+
+
 def parse_scene(metadata: str | None) -> Scene | None:
     try:
         return Scene.from_dict(json.loads(metadata or "{}"))

@@ -6,9 +6,10 @@ Metrics, params and tags go in one `log_batch` call each.
 """
 
 import logging
+import sqlite3
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,25 @@ log = logging.getLogger(__name__)
 PARENT_TAG = "mlflow.parentRunId"
 PIPELINE_RUN_TAG = "kfp.pipeline_run_id"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+SQLITE_TIMEOUT_S = 30  # how long a step waits for another step's write before "database is locked"
+
+
+def _sqlite_for_many_processes(uri: str) -> str:
+    """Put the SQLite store at `uri` in WAL mode (creating it); returns `uri` with a busy timeout.
+
+    Pipeline steps are separate processes writing to one file. In WAL mode readers and the
+    writer do not block each other, and the mode is kept in the file, so setting it from
+    any step is enough. A writer still waits for the one before it: MLflow sets
+    `busy_timeout` inside its sessions (20 s, mlflow/store/db/utils.py) but not on the
+    connections it opens outside them (creating and checking the schema), which keep
+    sqlite3's 5 s default; SQLAlchemy hands the URI's `timeout` to `sqlite3.connect`.
+    WAL needs every process on one host: a store shared across machines is a server's job.
+    """
+    path = Path(uri.removeprefix("sqlite:///").partition("?")[0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with closing(sqlite3.connect(path, timeout=SQLITE_TIMEOUT_S)) as db:
+        db.execute("PRAGMA journal_mode=WAL")
+    return uri if "?" in uri else f"{uri}?timeout={SQLITE_TIMEOUT_S}"
 
 
 def client_for(config: Config):
@@ -30,7 +50,7 @@ def client_for(config: Config):
 
     uri = config.mlflow_tracking_uri()
     if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        uri = _sqlite_for_many_processes(uri)
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(config.tracking.experiment)
     if experiment is not None:

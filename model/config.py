@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -321,6 +322,52 @@ def check_sampling(
 
 
 @dataclass(frozen=True)
+class ScorerConfig:
+    """The in-house CLIP-style image–text scorer (contrastive, Radford et al. 2021).
+
+    It supplies the default CLIP score, the FID features and the reranking of candidates.
+    `clip_model` points at a local Hugging Face CLIP folder to use instead (none can be
+    downloaded here).
+    """
+
+    clip_model: str | None = None
+    embed_dim: int = 128  # the shared image–text space
+    channels: int = 16  # image tower: width at full resolution, doubled per halving
+    text_width: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    weight_decay: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("embed_dim", "channels", "text_width", "text_layers", "steps", "batch_size"):
+            _check(getattr(self, name) >= 1, f"scorer.{name} must be >= 1")
+        _check(
+            self.text_width % self.text_heads == 0, "scorer.text_width must divide by text_heads"
+        )
+        _check(self.lr > 0, "scorer.lr must be > 0")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """The pinned evaluator: what is sampled and scored, and with which seed."""
+
+    prompts: int = 100  # held-out captions sampled per split (validation, test)
+    fid_images: int = 600  # real held-out images in the FID reference statistics
+    batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("prompts", "fid_images", "batch_size"):
+            _check(getattr(self, name) >= 1, f"evaluate.{name} must be >= 1")
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """Where MLflow runs go. None: a SQLite store and artifact folder under `work_dir`."""
 
@@ -329,6 +376,33 @@ class TrackingConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.experiment.strip()), "tracking.experiment must not be empty")
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    """The MLflow registered model and the promotion gate's rules.
+
+    A challenger replaces the champion only when, on the same held-out data and
+    evaluator, it loses no more than these margins, and it always clears the floors
+    (which are all a first model is judged by). Defaults suit the tiny preset.
+    """
+
+    model_name: str = "parti"
+    max_fidelity_drop: float = 0.02  # oracle exact accuracy, absolute (0..1)
+    max_nll_rise: float = 0.02  # held-out bits per image token, absolute
+    # FID is relative: its scale moves with the feature model and the number of images.
+    max_fid_rise: float = 0.05  # 0.05: at most 5% above the champion's FID
+    min_fidelity: float = 0.0
+    max_bits_per_token: float = 8.0
+
+    def __post_init__(self) -> None:
+        p = "registry."
+        _check(bool(self.model_name.strip()), f"{p}model_name must not be empty")
+        for name in ("max_fidelity_drop", "max_nll_rise", "max_fid_rise"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and value >= 0, f"{p}{name}={value}: use a number >= 0")
+        _check(0 <= self.min_fidelity <= 1, f"{p}min_fidelity={self.min_fidelity}: use 0..1")
+        _check(self.max_bits_per_token > 0, f"{p}max_bits_per_token must be > 0")
 
 
 @dataclass(frozen=True)
@@ -343,7 +417,10 @@ class Config:
     parti: PartiConfig = field(default_factory=PartiConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
 
     def __post_init__(self) -> None:
         size, down = self.data.image_size, self.image_tokenizer.downsample
@@ -426,9 +503,15 @@ class Config:
         return out
 
     def mlflow_tracking_uri(self) -> str:
-        """The configured URI, else a SQLite file under `work_dir` (absolute, so steps agree)."""
+        """`tracking.tracking_uri`, else `$MLFLOW_TRACKING_URI`, else a SQLite file.
+
+        The environment variable is where MLflow users expect to name a server; the SQLite
+        file is under `work_dir`, its path absolute so steps started elsewhere agree.
+        """
         if self.tracking.tracking_uri:
             return self.tracking.tracking_uri
+        if uri := os.environ.get("MLFLOW_TRACKING_URI"):
+            return uri
         return f"sqlite:///{(Path(self.work_dir) / 'mlflow.db').resolve()}"
 
 

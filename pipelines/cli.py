@@ -26,6 +26,10 @@ app.add_typer(data_app, name="data")
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(config_app, name="config")
 app.add_typer(pipeline_app, name="pipeline")
+registry_app = typer.Typer(help="The MLflow model registry: versions, champion, rollback.")
+app.add_typer(registry_app, name="registry")
+scorer_app = typer.Typer(help="The in-house CLIP-style image–text scorer.")
+app.add_typer(scorer_app, name="scorer")
 
 console = Console(stderr=True)
 
@@ -356,6 +360,12 @@ def generate(
     top_k: Annotated[int | None, typer.Option(help="0: off.")] = None,
     top_p: Annotated[float | None, typer.Option(help="In (0, 1]; 1: off.")] = None,
     seed: Annotated[int | None, typer.Option(help="Same seed, same image.")] = None,
+    candidates: Annotated[
+        int | None, typer.Option(help="Samples per prompt; the scorer keeps the best.")
+    ] = None,
+    scorer: Annotated[
+        Path | None, typer.Option(help="Scorer folder that reranks the candidates.")
+    ] = None,
     preset: Preset = "tiny",
     config: ConfigFile = None,
     overrides: Overrides = None,
@@ -365,6 +375,7 @@ def generate(
 
     from PIL import Image
 
+    from parti_ops.components.evaluate import FeatureModel
     from parti_ops.model.generate import TextToImage
 
     cfg = _load(preset, config, overrides)
@@ -374,10 +385,14 @@ def generate(
         "top_k": top_k,
         "top_p": top_p,
         "seed": seed,
+        "candidates": candidates,
     }
     settings = dataclasses.replace(cfg.sample, **{k: v for k, v in given.items() if v is not None})
+    if settings.candidates > 1 and scorer is None:
+        raise typer.BadParameter("--candidates > 1 needs --scorer to choose among them")
+    rerank = FeatureModel.load(scorer).reranker() if scorer else None
     bundle = TextToImage.load(model)
-    images = bundle(prompt, settings)
+    images = bundle(prompt, settings, rerank=rerank)
     paths = (
         [out]
         if len(prompt) == 1
@@ -396,7 +411,13 @@ def evaluate(
         "outputs/parti"
     ),
     data: Accepted = Path("outputs/validated/accepted"),
-    prompts: Annotated[int, typer.Option(help="Held-out captions sampled per split.")] = 100,
+    scorer: Annotated[
+        Path, typer.Option(help="Scorer folder (`parti scorer train`) or a local HF CLIP.")
+    ] = Path("outputs/scorer"),
+    references: Annotated[
+        Path | None,
+        typer.Option(help="Folder of FID reference statistics, reused across evaluations."),
+    ] = None,
     out: Annotated[Path, typer.Option(help="Folder for the report and the sample grid.")] = Path(
         "outputs/evaluation"
     ),
@@ -404,21 +425,42 @@ def evaluate(
     config: ConfigFile = None,
     overrides: Overrides = None,
 ) -> None:
-    """Prompt fidelity: sample held-out captions and score the images with the attribute oracle."""
-    import json
+    """Held-out NLL, prompt fidelity (attribute oracle), CLIP score and FID of a bundle.
 
-    from parti_ops.components.evaluate import prompt_fidelity
+    The same bundle, data and settings give the same numbers.
+    """
+    from parti_ops.components.evaluate import EVALUATION, REPORT, SAMPLES, evaluate_bundle
 
     cfg = _load(preset, config, overrides)
-    out.mkdir(parents=True, exist_ok=True)
-    scores = prompt_fidelity(
-        model, data, cfg.sample, prompts=prompts, grid_path=out / "samples.png"
-    )
-    (out / "fidelity.json").write_text(json.dumps(scores, indent=2, sort_keys=True) + "\n")
-    lines = [f"{k}: {v:.3f}" for k, v in sorted(scores.items())]
+    result = evaluate_bundle(cfg, model, data, scorer, out, references)
+    lines = [f"{k}: {v:.4f}" for k, v in sorted(result["metrics"].items())]
     _print_paths(
-        "prompt fidelity (attribute oracle)\n  " + "\n  ".join(lines),
-        {"report": (out / "fidelity.json").resolve(), "samples": (out / "samples.png").resolve()},
+        "evaluation\n  " + "\n  ".join(lines),
+        {name: (out / name).resolve() for name in (EVALUATION, REPORT, SAMPLES)},
+    )
+
+
+@scorer_app.command("train")
+@_clear_errors
+def scorer_train(
+    data: Accepted = Path("outputs/validated/accepted"),
+    text: Annotated[Path, typer.Option(help="Caption tokenizer folder.")] = Path(
+        "outputs/text_tokenizer"
+    ),
+    out: Annotated[Path, typer.Option(help="Folder for the scorer.")] = Path("outputs/scorer"),
+    preset: Preset = "tiny",
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+) -> None:
+    """Train the CLIP-style scorer on the train pairs; report held-out retrieval accuracy."""
+    from parti_ops.components.scorer import REPORT, scorer_step
+
+    cfg = _load(preset, config, overrides)
+    report = scorer_step(cfg.to_json(), "", str(data), str(text), str(out))
+    lines = [f"{k}: {v:.3f}" for k, v in sorted(report.items()) if isinstance(v, float)]
+    _print_paths(
+        "scorer: held-out retrieval, own caption first among 10\n  " + "\n  ".join(lines),
+        {"scorer": out.resolve(), "report": (out / REPORT).resolve()},
     )
 
 
@@ -453,6 +495,9 @@ def run(
             "image tokenizer": result.image_tokenizer,
             "encoded data": result.encoded,
             "model bundle": result.model,
+            "scorer": result.scorer,
+            "evaluation": result.evaluation,
+            "promotion decision": result.decision,
             "MLflow store": result.tracking_uri,
         },
     )
@@ -477,6 +522,99 @@ def pipeline_compile(
 
     cfg = _load(preset, config, overrides)
     console.print(f"wrote {compile_pipeline(out, cfg).resolve()}")
+
+
+@registry_app.command("status")
+@_clear_errors
+def registry_status(
+    preset: Preset = "tiny",
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+) -> None:
+    """List the registered model's versions: aliases, gate metrics, data digest, gate outcome.
+
+    The model is registry.model_name in the configured MLflow store.
+    """
+    from parti_ops.components.registry import status
+    from parti_ops.components.tracking import client_for
+
+    cfg = _load(preset, config, overrides)
+    client, _ = client_for(cfg)
+    rows = status(client, cfg.registry.model_name)
+    header = ("version", "aliases", "fidelity", "bits/token", "FID", "CLIP", "gate", "data digest")
+    table = [header] + [
+        (
+            row["version"],
+            ",".join(row["aliases"]) or "-",
+            *(
+                "-" if row[k] is None else f"{row[k]:.4f}"
+                for k in ("fidelity", "heldout_bits_per_token", "fid", "clip_score")
+            ),
+            row["gate"] or "-",
+            row["data_digest"] or "-",
+        )
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    print(f"{cfg.registry.model_name} in {cfg.mlflow_tracking_uri()}")
+    for line in table:
+        cells = (cell.ljust(width) for cell, width in zip(line, widths, strict=True))
+        print("  ".join(cells).rstrip())
+
+
+@registry_app.command("promote")
+@_clear_errors
+def registry_promote(
+    version: Annotated[int, typer.Option(help="Model version to make the champion.")],
+    reason: Annotated[str, typer.Option(help="Why, kept as a tag on the version.")],
+    by: Annotated[str | None, typer.Option(help="Who; default: the current user.")] = None,
+    preset: Preset = "tiny",
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+) -> None:
+    """Make a version the champion by hand, past the gate; the old one is previous-champion.
+
+    Who and why are tagged on the version (promotion.by, promotion.reason).
+    """
+    from parti_ops.components.registry import promote
+    from parti_ops.components.tracking import client_for
+
+    cfg = _load(preset, config, overrides)
+    client, _ = client_for(cfg)
+    result = promote(client, cfg.registry.model_name, str(version), reason=reason, user=by)
+    _print_paths(
+        f"{cfg.registry.model_name} version {result['champion']} is the champion",
+        {"previous-champion": result["previous_champion"] or "none"},
+    )
+
+
+@registry_app.command("rollback")
+@_clear_errors
+def registry_rollback(
+    reason: Annotated[str, typer.Option(help="Why, kept as a tag on the version.")] = "",
+    by: Annotated[str | None, typer.Option(help="Who; default: the current user.")] = None,
+    preset: Preset = "tiny",
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+) -> None:
+    """Give the champion alias back to the previous champion.
+
+    The version rolled back from is tagged rolled_back; fails when there is no
+    previous-champion alias.
+    """
+    from parti_ops.components.registry import rollback
+    from parti_ops.components.tracking import client_for
+
+    cfg = _load(preset, config, overrides)
+    client, _ = client_for(cfg)
+    result = rollback(client, cfg.registry.model_name, reason=reason, user=by)
+    _print_paths(
+        f"{cfg.registry.model_name} version {result['champion']} is the champion again",
+        {
+            "rolled back": result["rolled_back"] or "none",
+            "previous-champion": result["previous_champion"] or "none",
+        },
+    )
 
 
 def _print_paths(title: str, paths: dict[str, Any]) -> None:

@@ -1,7 +1,9 @@
 """The parti-ops pipeline: wiring only. Each step is a component from `components/`.
 
-    source ─► ingest ─► validate ─┬─► text tokenizer ──┬─► encode ─► train decoder ─► (evaluation,
-                                  └─► image tokenizer ─┘                              serving)
+    source ─► ingest ─► validate ─┬─► text tokenizer ──┬─► encode ─► train decoder ──┐
+                                  ├─► image tokenizer ─┘                            ├─► evaluate ─►
+                                  └─► scorer (after the text tokenizer) ─► FID refs ─┘   register
+                                                                          + promotion gate (MLflow)
     (the synthetic set is drawn by the ingest step when no source is given)
 
 The same pipeline function runs on this machine with `kfp.local` and compiles to
@@ -21,8 +23,12 @@ from kfp import compiler, dsl
 from parti_ops.components.ops import (
     encode_op,
     end_run_op,
+    evaluate_op,
+    fid_reference_op,
     image_tokenizer_op,
     ingest_op,
+    register_op,
+    scorer_op,
     start_run_op,
     text_tokenizer_op,
     train_op,
@@ -105,6 +111,34 @@ def _steps(
         )
         if train.accelerator:  # one GPU per torchrun process, on one node
             trainer.set_accelerator_type(train.accelerator).set_accelerator_limit(train.nproc)
+        scorer = scorer_op(
+            config_json=config_json,
+            parent_run_id=parent,
+            validated=validated,
+            text_tokenizer=text.outputs["text_tokenizer"],
+        )
+        references = fid_reference_op(
+            config_json=config_json, validated=validated, scorer=scorer.outputs["scorer"]
+        )
+        evaluate = evaluate_op(
+            config_json=config_json,
+            parent_run_id=parent,
+            model=trainer.outputs["model"],
+            validated=validated,
+            scorer=scorer.outputs["scorer"],
+            references=references.outputs["references"],
+        )
+        register = register_op(
+            config_json=config_json,
+            parent_run_id=parent,
+            model=trainer.outputs["model"],
+            evaluation=evaluate.outputs["evaluation"],
+            encoded=encode.outputs["encoded"],
+            validated=validated,
+            scorer=scorer.outputs["scorer"],
+            references=references.outputs["references"],
+        )
+        register.set_caching_options(False)  # the registry's state is an input kfp cannot see
 
 
 def compile_pipeline(path: str | Path = COMPILED, config: Config | None = None) -> Path:
@@ -127,6 +161,9 @@ class LocalRun:
     image_tokenizer: Path
     encoded: Path
     model: Path
+    scorer: Path
+    evaluation: Path
+    decision: Path
     run_dir: Path
     tracking_uri: str
 
@@ -173,6 +210,9 @@ def run_local(config: Config, source: str | Path | None = None) -> LocalRun:
         image_tokenizer=run_dir / "image-tokenizer-op" / "image_tokenizer",
         encoded=run_dir / "encode-op" / "encoded",
         model=run_dir / "train-op" / "model",
+        scorer=run_dir / "scorer-op" / "scorer",
+        evaluation=run_dir / "evaluate-op" / "evaluation",
+        decision=run_dir / "register-op" / "decision",
         run_dir=run_dir,
         tracking_uri=config.mlflow_tracking_uri(),
     )

@@ -28,6 +28,20 @@ SMALL = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_outside_tracking_store():
+    """Tests log to the store their config names, not to a developer's $MLFLOW_TRACKING_URI."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _no_tracking_store_from_an_earlier_test(monkeypatch):
+    # `mlflow.set_tracking_uri` exports MLFLOW_TRACKING_URI, which the config then prefers.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture(scope="session")
 def small() -> dict:
     """The overrides of the small test configuration (a copy: tests may add to it)."""

@@ -33,6 +33,14 @@ QUICK = {
     "train.steps": 3,
     "train.batch_size": 8,
     "train.warmup_steps": 1,
+    "scorer.steps": 3,
+    "scorer.channels": 4,
+    "scorer.embed_dim": 16,
+    "scorer.text_width": 32,
+    "scorer.text_layers": 1,
+    "evaluate.prompts": 4,
+    "evaluate.fid_images": 16,
+    "registry.max_bits_per_token": 11.0,  # three training steps: barely below log2(1024)
 }
 
 
@@ -52,7 +60,8 @@ def test_local_run_writes_artifacts_and_nested_mlflow_runs(tmp_path):
     runs = _runs(config)
     parent = next(r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags)
     assert parent.info.status == "FINISHED"
-    steps = ("synth", "ingest", "validate", "text-tokenizer", "image-tokenizer", "encode", "train")
+    steps = ("synth", "ingest", "validate", "text-tokenizer", "image-tokenizer", "encode", "train",
+             "scorer", "evaluate", "register")  # fmt: skip
     for step in steps:
         assert runs[step].data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert runs[step].info.status == "FINISHED"
@@ -78,6 +87,19 @@ def test_local_run_writes_artifacts_and_nested_mlflow_runs(tmp_path):
     assert [h["step"] for h in trained["history"]] == [3]
     assert (result.model / "parti" / "model.safetensors").exists()
     assert runs["train"].data.metrics["test_bits_per_token"] == trained["test_bits_per_token"]
+
+    evaluation = json.loads((result.evaluation / "evaluation.json").read_text())
+    assert evaluation["key"]["data_digest"] == digest
+    assert evaluation["key"]["feature_model"] == runs["scorer"].data.tags["scorer.version"]
+    assert runs["evaluate"].data.metrics["fidelity"] == evaluation["metrics"]["fidelity"]
+    (references,) = result.run_dir.glob("fid-reference-op/references/fid-*.safetensors")
+    assert evaluation["fid_reference"] == references.name
+
+    # The first model ever, above the floors: registered and made champion.
+    assert "version 1" in result.decision.read_text()
+    client = MlflowClient(config.mlflow_tracking_uri())
+    champion = client.get_model_version_by_alias(config.registry.model_name, "champion")
+    assert str(champion.version) == "1" and champion.tags["data_digest"] == digest
 
 
 def test_the_training_step_asks_for_gpus_when_configured(tmp_path):

@@ -1,0 +1,641 @@
+"""The register step: a trained bundle becomes an MLflow model version, then the gate runs.
+
+Each version is an MLflow pyfunc logged as "models from code" (`pyfunc_model.py`),
+its artifact the bundle's model folders, with lineage tags: data digest (DVC),
+git SHA, tokenizer digests, the evaluator and the evaluation's metrics. Aliases:
+
+- `challenger`: the newest registered version;
+- `champion`: the version to serve; the gate moves it, or `parti registry promote`;
+- `previous-champion`: the champion it replaced, what `parti registry rollback` restores.
+
+The promotion gate (`decide`) compares a challenger with the champion only on the
+same held-out data and evaluator (the evaluation's `key`); on another key the champion
+is re-scored first, or the promotion is refused.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from parti_ops.model.config import Config, RegistryConfig
+
+log = logging.getLogger(__name__)
+
+CHALLENGER, CHAMPION, PREVIOUS = "challenger", "champion", "previous-champion"
+EVALUATION = "evaluation.json"
+DECISION_JSON, DECISION_MD = "decision.json", "decision.md"
+PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+EXAMPLE_PROMPT = "a red circle on the left"
+# The gate's metrics; evaluation.json may hold more, which are logged and tagged too.
+FIDELITY, BITS, FID, CLIP = "fidelity", "heldout_bits_per_token", "fid", "clip_score"
+REQUIRED_METRICS = (FIDELITY, BITS)  # FID and CLIP score need a feature model: optional
+KEY_FIELDS = ("data_digest", "evaluator")
+# Version tags: `metric.<name>` for each metric, `eval.<field>` for the evaluation key.
+METRIC_TAG, KEY_TAG = "metric.", "eval."
+REPLACED_TAG = "champion.replaced"  # on a champion: the version it replaced
+MAX_TAG_CHARS = 5000  # MLflow's limit on a model version tag value
+
+
+class RegistryError(ValueError):
+    """A registry action that cannot be done; the message says why and what to do."""
+
+
+def load_evaluation(evaluation_dir: str | Path) -> dict[str, Any]:
+    """`<evaluation_dir>/evaluation.json`, checked: `{"metrics": {...}, "key": {...}}`.
+
+    Raises:
+        RegistryError: naming the file and the missing or malformed field.
+    """
+    path = Path(evaluation_dir) / EVALUATION
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise RegistryError(
+            f"{path}: no readable evaluation ({err}); run the evaluation first"
+        ) from None
+    return check_evaluation(body, str(path))
+
+
+def check_evaluation(body: Any, source: str) -> dict[str, Any]:
+    """The evaluation `body` with float metrics, or RegistryError naming `source` and the field.
+
+    A metric may be null (not measured, e.g. FID without a feature model); the
+    required ones (`fidelity`, `heldout_bits_per_token`) must be numbers.
+    """
+    if not isinstance(body, dict):
+        raise RegistryError(f"{source}: expected an object with 'metrics' and 'key'")
+    for field_name in ("metrics", "key"):
+        if not isinstance(body.get(field_name), dict):
+            raise RegistryError(f"{source}: missing field {field_name!r} (an object)")
+    metrics: dict[str, float | None] = {}
+    for name, value in body["metrics"].items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise RegistryError(f"{source}: metrics.{name}={value!r} is not a number")
+        metrics[name] = None if value is None else float(value)
+    for name in REQUIRED_METRICS:
+        if metrics.get(name) is None:
+            raise RegistryError(f"{source}: missing field metrics.{name} (a number)")
+    key = body["key"]
+    for name in KEY_FIELDS:
+        if not isinstance(key.get(name), str) or not key[name]:
+            raise RegistryError(f"{source}: missing field key.{name} (a string)")
+    # The evaluator digest already covers the feature model; it is kept apart for lineage.
+    return {
+        **body,
+        "metrics": metrics,
+        "key": {k: str(key[k]) for k in KEY_FIELDS},
+        "feature_model": str(key.get("feature_model", "")),
+    }
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One check of the gate: the challenger's value against a limit (`value <op> limit`)."""
+
+    name: str
+    value: float | None  # the challenger's
+    op: str  # ">=" or "<="
+    limit: float | None
+    champion: float | None = None  # the value the limit was derived from, if any
+    passed: bool = True
+    note: str = ""
+
+    @classmethod
+    def check(cls, name: str, value: float | None, op: str, limit: float | None, **kw) -> Rule:
+        """A measured rule; one with no value or limit is skipped (passes, says so)."""
+        if value is None or limit is None or not math.isfinite(limit):
+            return cls(name, value, op, limit, passed=True, note="not measured: skipped", **kw)
+        # NaN fails both comparisons: a diverged model never passes.
+        passed = value >= limit if op == ">=" else value <= limit
+        return cls(name, value, op, limit, passed=passed, **kw)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the gate decided: `promote`, `reject` (a rule failed) or `refuse` (no comparison)."""
+
+    outcome: str
+    reason: str
+    rules: tuple[Rule, ...] = ()
+
+    @property
+    def promoted(self) -> bool:
+        return self.outcome == "promote"
+
+    @property
+    def failed_rules(self) -> list[str]:
+        return [rule.name for rule in self.rules if not rule.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "outcome": self.outcome,
+            "promoted": self.promoted,
+            "reason": self.reason,
+            "failed_rules": self.failed_rules,
+            "rules": [asdict(rule) for rule in self.rules],
+        }
+
+
+def decide(challenger: dict, champion: dict | None, rules: RegistryConfig) -> Decision:
+    """The promotion gate: may `challenger` replace `champion` (None: there is none yet)?
+
+    Both are evaluations as `check_evaluation` returns them. The floors
+    (`min_fidelity`, `max_bits_per_token`) always apply; against a champion the
+    challenger may also lose at most `max_fidelity_drop` of fidelity and
+    `max_nll_rise` bits/token (absolute), and its FID may be at most `max_fid_rise`
+    (relative) above the champion's. Metrics are compared only when both
+    evaluations have the same `key` (held-out data and evaluator); otherwise the
+    decision is `refuse`.
+    """
+    new = challenger["metrics"]
+    checks = [
+        Rule.check("min_fidelity", new[FIDELITY], ">=", rules.min_fidelity),
+        Rule.check("max_bits_per_token", new[BITS], "<=", rules.max_bits_per_token),
+    ]
+    if champion is None:
+        return _outcome(tuple(checks), "first model")
+    if champion["key"] != challenger["key"]:
+        differ = "; ".join(
+            f"{k}: champion {champion['key'].get(k)!r}, challenger {challenger['key'].get(k)!r}"
+            for k in sorted(set(champion["key"]) | set(challenger["key"]))
+            if champion["key"].get(k) != challenger["key"].get(k)
+        )
+        return Decision(
+            "refuse",
+            f"refused: champion evaluated on other data/evaluator ({differ}); re-evaluate the"
+            " champion on the challenger's held-out data to compare",
+            tuple(checks),
+        )
+    old = champion["metrics"]
+    fid_limit = None if old.get(FID) is None else old[FID] * (1 + rules.max_fid_rise)
+    checks += [
+        Rule.check(
+            "max_fidelity_drop", new[FIDELITY], ">=", old[FIDELITY] - rules.max_fidelity_drop,
+            champion=old[FIDELITY],
+        ),
+        Rule.check(
+            "max_nll_rise", new[BITS], "<=", old[BITS] + rules.max_nll_rise, champion=old[BITS]
+        ),
+        Rule.check("max_fid_rise", new.get(FID), "<=", fid_limit, champion=old.get(FID)),
+    ]  # fmt: skip
+    return _outcome(tuple(checks), "against the champion")
+
+
+def _outcome(checks: tuple[Rule, ...], against: str) -> Decision:
+    failed = [rule for rule in checks if not rule.passed]
+    if not failed:
+        return Decision("promote", f"promoted: every rule passed ({against})", checks)
+    detail = ", ".join(f"{r.name} ({r.value:.4g} not {r.op} {r.limit:.4g})" for r in failed)
+    return Decision("reject", f"rejected ({against}): {detail}", checks)
+
+
+def register_step(
+    config_json: str,
+    parent_run_id: str,
+    model_dir: str,
+    evaluation_dir: str,
+    encoded_dir: str,
+    out_dir: str,
+    *,
+    reevaluate: Callable[[Path], dict] | None = None,
+) -> dict[str, Any]:
+    """Register `model_dir` as a version with alias `challenger`, then run the promotion gate.
+
+    Args:
+        config_json: the run's `Config` as JSON (`registry` holds the gate's rules).
+        parent_run_id: the pipeline's MLflow parent run ("" for a top-level run).
+        model_dir: the bundle `parti train` wrote; its checkpoints are not registered.
+        evaluation_dir: holds `evaluation.json` (see `load_evaluation`).
+        encoded_dir: the encoded data the bundle was trained on (data digest, tokenizers).
+        out_dir: where `decision.json` and `decision.md` are written.
+        reevaluate: scores a bundle folder on the challenger's held-out data; used when
+            the champion was evaluated with another key. None: such a gate refuses.
+
+    Returns:
+        The decision report (as in `decision.json`); a rejection returns normally, with
+        `promoted: false` and each rule's values.
+    """
+    from parti_ops.components.encode import read_encoded_manifest
+    from parti_ops.components.tracking import step_run
+
+    config = Config.from_json(config_json)
+    evaluation = load_evaluation(evaluation_dir)
+    manifest = read_encoded_manifest(encoded_dir)
+    lineage = bundle_lineage(model_dir, manifest)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = config.registry.model_name
+    with step_run(config, "register", parent_run_id) as run:
+        lineage.update(
+            git_sha=_code_version(run),
+            preset=config.name,
+            **({"pipeline.parent_run_id": parent_run_id} if parent_run_id else {}),
+            **{f"{KEY_TAG}{k}": v for k, v in evaluation["key"].items()},
+            **{"scorer.version": evaluation["feature_model"]},
+        )
+        metrics = {k: v for k, v in evaluation["metrics"].items() if v is not None}
+        run.log_dataset(
+            name="encoded",
+            source=str(Path(encoded_dir).resolve()),
+            digest=lineage["data_digest"],
+            context="training",
+        )
+        run.log(metrics=metrics, tags=lineage)
+        version = _log_model(config, run.run_id, Path(model_dir))
+        client = run.client
+        _set_tags(client, name, version, {**lineage, **_metric_tags(metrics)})
+        client.set_registered_model_alias(name, CHALLENGER, version)
+        log.info("registered %s version %s (alias %s)", name, version, CHALLENGER)
+
+        decision, champion = _gate(client, config, version, evaluation, reevaluate)
+        replaced = None
+        if decision.promoted:
+            replaced = move_champion(client, name, version)
+        gate_tags = {
+            "gate.decision": decision.outcome,
+            "gate.failed_rules": ",".join(decision.failed_rules),
+            "gate.reason": decision.reason,
+        }
+        _set_tags(client, name, version, gate_tags)
+        report = {
+            "model_name": name,
+            "version": version,
+            "model_uri": f"models:/{name}/{version}",
+            **decision.to_dict(),
+            "challenger": {"version": version, **evaluation},
+            "champion": champion,
+            "champion_after": version if decision.promoted else (champion or {}).get("version"),
+            "previous_champion": replaced,
+            "lineage": lineage,
+        }
+        write_decision(report, out)
+        run.log(tags=gate_tags)
+        run.log_artifact(out / DECISION_JSON, "gate")
+        run.log_artifact(out / DECISION_MD, "gate")
+    log.info("gate: %s", decision.reason)
+    return report
+
+
+def bundle_lineage(model_dir: str | Path, manifest: dict[str, Any]) -> dict[str, str]:
+    """Data and tokenizer digests of a bundle, after checking it matches the encoded data."""
+    from parti_ops.components.tokenizers import IMAGE_FILES, TEXT_FILES
+    from parti_ops.components.versioning import files_digest
+    from parti_ops.model.generate import IMAGE_TOKENIZER, PARTI, TEXT_TOKENIZER
+
+    bundle = Path(model_dir)
+    for part in (PARTI, TEXT_TOKENIZER, IMAGE_TOKENIZER):
+        if not (bundle / part).is_dir():
+            raise RegistryError(f"{bundle}: no {part}/ folder; give the output of `parti train`")
+    tags = {"data_digest": str(manifest.get("data_digest") or "")}
+    for part, files in ((TEXT_TOKENIZER, TEXT_FILES), (IMAGE_TOKENIZER, IMAGE_FILES)):
+        digest = files_digest(bundle / part, files)
+        # The bundle carries copies of the tokenizers; other ones mean other data.
+        if manifest.get(part, {}).get("digest") != digest:
+            raise RegistryError(
+                f"{bundle}/{part} is not the {part.replace('_', ' ')} the encoded data was made"
+                " with; give the encoded folder this bundle was trained on"
+            )
+        tags[f"{part}.digest"] = digest
+    return tags
+
+
+def _code_version(run) -> str:
+    """The pipeline's commit when the parent run has one (a component image has no .git)."""
+    from parti_ops.components.versioning import git_sha
+
+    if run.parent is not None:
+        tags = run.client.get_run(run.parent.run_id).data.tags
+        if commit := tags.get("mlflow.source.git.commit"):
+            return commit
+    return git_sha()
+
+
+def _metric_tags(metrics: dict[str, float]) -> dict[str, str]:
+    return {f"{METRIC_TAG}{k}": repr(v) for k, v in metrics.items()}
+
+
+def _set_tags(client, name: str, version: str, tags: dict[str, Any]) -> None:
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value)[:MAX_TAG_CHARS])
+
+
+def _log_model(config: Config, run_id: str, bundle: Path) -> str:
+    """Log the bundle as a models-from-code pyfunc in run `run_id`; returns the new version."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = stage_bundle(bundle, Path(tmp) / "bundle")
+        uri = config.mlflow_tracking_uri()
+        with _fluent_store(uri), mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(PYFUNC_FILE),
+                artifacts={"bundle": str(staged)},
+                signature=_signature(config, staged),
+                input_example=[EXAMPLE_PROMPT],
+                # No scorer travels with the model, so one candidate per prompt.
+                model_config={"sample": {**asdict(config.sample), "candidates": 1}},
+                pip_requirements=_requirements(),
+                registered_model_name=config.registry.model_name,
+            )
+    return str(info.registered_model_version)
+
+
+def stage_bundle(bundle: Path, target: Path) -> Path:
+    """Copy what a served model needs (the three model folders and the training report)."""
+    from parti_ops.components.train import REPORT
+    from parti_ops.model.generate import IMAGE_TOKENIZER, PARTI, TEXT_TOKENIZER
+
+    target.mkdir(parents=True)
+    for part in (PARTI, TEXT_TOKENIZER, IMAGE_TOKENIZER):
+        shutil.copytree(bundle / part, target / part)
+    if (bundle / REPORT).is_file():
+        shutil.copy2(bundle / REPORT, target / REPORT)
+    return target
+
+
+def _signature(config: Config, bundle: Path):
+    """Prompts (one unnamed string column, so a plain list is accepted) → uint8 images."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+
+    from parti_ops.model.generate import IMAGE_TOKENIZER
+
+    body = json.loads((bundle / IMAGE_TOKENIZER / "config.json").read_text(encoding="utf-8"))
+    size = int(body["image_size"])
+    s = config.sample
+    return ModelSignature(
+        inputs=Schema([ColSpec("string")]),
+        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, 3))]),
+        params=ParamSchema(
+            [
+                ParamSpec("seed", "long", s.seed),
+                ParamSpec("guidance_scale", "double", s.guidance_scale),
+                ParamSpec("temperature", "double", s.temperature),
+                ParamSpec("top_k", "long", s.top_k),
+                ParamSpec("top_p", "double", s.top_p),
+            ]
+        ),
+    )
+
+
+def _requirements() -> list[str]:
+    """Pinned to this environment: parti-ops (the component image) and what loading needs."""
+    from importlib import metadata
+
+    names = ("parti-ops", "torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas")
+    return [f"{n}=={metadata.version(n)}" for n in names]
+
+
+@contextmanager
+def _fluent_store(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (log_model needs it) at `uri` for the block only.
+
+    `mlflow.set_tracking_uri` also writes the environment variables, which the config
+    itself reads, so both are put back: a step must not leave the process elsewhere.
+    """
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    env = {n: os.environ.get(n) for n in names}
+    saved = tracking_utils._tracking_uri, registry_utils._registry_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        registry_utils._registry_uri = saved[1]
+        for n, value in env.items():
+            if value is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = value
+
+
+def _gate(
+    client, config: Config, version: str, evaluation: dict, reevaluate
+) -> tuple[Decision, dict | None]:
+    """Decide on `version`; returns the decision and the champion it was compared with."""
+    name = config.registry.model_name
+    current = alias_version(client, name, CHAMPION)
+    if current is None:
+        return decide(evaluation, None, config.registry), None
+    stored = evaluation_from_tags(client.get_model_version(name, current).tags)
+    champion = {"version": current, **stored, "reevaluated": False}
+    if stored["key"] == evaluation["key"] or reevaluate is None:
+        return decide(evaluation, stored, config.registry), champion
+    log.info("champion %s was evaluated with another key: re-evaluating it", current)
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = download_bundle(client, config, current, Path(tmp))
+        fresh = check_evaluation(reevaluate(bundle), f"re-evaluation of {name} version {current}")
+    champion = {"version": current, **fresh, "reevaluated": True, "stored": stored}
+    return decide(evaluation, fresh, config.registry), champion
+
+
+def evaluation_from_tags(tags: dict[str, str]) -> dict[str, Any]:
+    """A version's evaluation as the register step tagged it (an empty key if untagged)."""
+    metrics = {
+        k.removeprefix(METRIC_TAG): float(v) for k, v in tags.items() if k.startswith(METRIC_TAG)
+    }
+    key = {k: tags.get(f"{KEY_TAG}{k}", "") for k in KEY_FIELDS}
+    metrics.setdefault(FIDELITY, math.nan)
+    metrics.setdefault(BITS, math.nan)
+    return {"metrics": metrics, "key": key}
+
+
+def download_bundle(client, config: Config, version: str, dst: Path) -> Path:
+    """The bundle folder of a registered version, downloaded under `dst`."""
+    import mlflow
+
+    root = client.get_model_version_download_uri(config.registry.model_name, version)
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{root.rstrip('/')}/artifacts/bundle",
+            dst_path=str(dst),
+            tracking_uri=config.mlflow_tracking_uri(),
+        )
+    )
+
+
+def alias_version(client, name: str, alias: str) -> str | None:
+    """The version an alias points at, None when the alias (or the model) does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_registered_model(name).aliases[alias])
+    except KeyError:
+        return None
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+
+
+def move_champion(client, name: str, version: str) -> str | None:
+    """Make `version` the champion; the old one becomes `previous-champion` (returned)."""
+    old = alias_version(client, name, CHAMPION)
+    if old == version:
+        return alias_version(client, name, PREVIOUS)
+    # previous-champion first: stopped in between, the aliases still name the old champion.
+    if old is not None:
+        client.set_registered_model_alias(name, PREVIOUS, old)
+        client.set_model_version_tag(name, version, REPLACED_TAG, old)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    log.info("%s version %s is the champion (was %s)", name, version, old)
+    return old
+
+
+def promote(client, name: str, version: str, *, reason: str, user: str | None = None) -> dict:
+    """A person's promotion of `version`, past the gate; who and why are tagged on it."""
+    from mlflow.exceptions import MlflowException
+
+    version = str(version)
+    try:
+        client.get_model_version(name, version)
+    except MlflowException as err:
+        raise RegistryError(f"model {name!r} has no version {version} ({err.message})") from None
+    if alias_version(client, name, CHAMPION) == version:
+        raise RegistryError(f"{name} version {version} is already the champion")
+    replaced = move_champion(client, name, version)
+    _set_tags(
+        client,
+        name,
+        version,
+        {
+            "gate.decision": "manual",
+            "promotion.by": user or _user(),
+            "promotion.reason": reason,
+            "promotion.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+    )
+    return {"champion": version, "previous_champion": replaced}
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container user with no passwd entry nor $USER
+        return "unknown"
+
+
+def rollback(client, name: str, *, reason: str = "", user: str | None = None) -> dict:
+    """`champion` ← `previous-champion`; the version rolled back from is tagged.
+
+    `previous-champion` then moves to the version the restored champion had itself
+    replaced, so a second rollback goes one further back (or is refused).
+    """
+    previous = alias_version(client, name, PREVIOUS)
+    if previous is None:
+        raise RegistryError(
+            f"model {name!r} has no {PREVIOUS!r} alias: no champion to roll back to"
+        )
+    current = alias_version(client, name, CHAMPION)
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    older = client.get_model_version(name, previous).tags.get(REPLACED_TAG)
+    if older and older != current:
+        client.set_registered_model_alias(name, PREVIOUS, older)
+    else:
+        client.delete_registered_model_alias(name, PREVIOUS)
+        older = None
+    if current is not None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        _set_tags(
+            client,
+            name,
+            current,
+            {
+                "rolled_back": f"{stamp} by {user or _user()}: {reason or 'no reason'}",
+                "rolled_back.to": previous,
+            },
+        )
+    log.info("%s: champion rolled back from %s to %s", name, current, previous)
+    return {"champion": previous, "rolled_back": current, "previous_champion": older}
+
+
+def status(client, name: str) -> list[dict[str, Any]]:
+    """One row per version, newest first: aliases, gate metrics, data digest, gate outcome."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise RegistryError(
+                f"no registered model {name!r} in this store; the pipeline's register step"
+                " creates it"
+            ) from None
+        raise
+    aliases: dict[str, list[str]] = {}
+    for alias, version in model.aliases.items():
+        aliases.setdefault(str(version), []).append(alias)
+    rows = []
+    for version in client.search_model_versions(f"name = '{name}'"):
+        tags = version.tags
+        rows.append(
+            {
+                "version": str(version.version),
+                "aliases": sorted(aliases.get(str(version.version), [])),
+                **{m: _float(tags.get(f"{METRIC_TAG}{m}")) for m in (FIDELITY, BITS, FID, CLIP)},
+                "data_digest": tags.get("data_digest", ""),
+                "gate": tags.get("gate.decision", ""),
+                "created": version.creation_timestamp,
+            }
+        )
+    return sorted(rows, key=lambda row: int(row["version"]), reverse=True)
+
+
+def _float(text: str | None) -> float | None:
+    return None if text is None else float(text)
+
+
+def write_decision(report: dict[str, Any], out: Path) -> None:
+    """`decision.json` (the report) and `decision.md` (the same, for people)."""
+    from parti_ops.components.shards import write_json
+
+    write_json(out / DECISION_JSON, report)
+    champion = report.get("champion")
+    lines = [
+        f"# Promotion gate: {report['model_name']} version {report['version']}",
+        "",
+        f"**{report['outcome']}** — {report['reason']}",
+        "",
+        "Champion compared: "
+        + (
+            f"version {champion['version']}"
+            + (" (re-evaluated on the challenger's data)" if champion.get("reevaluated") else "")
+            if champion
+            else "none (first model)"
+        ),
+        "",
+        "| rule | challenger | limit | champion | result |",
+        "|---|---|---|---|---|",
+    ]
+    for rule in report["rules"]:
+        result = rule["note"] or ("pass" if rule["passed"] else "**FAIL**")
+        limit = "" if rule["limit"] is None else f"{rule['op']} {rule['limit']:.4g}"
+        lines.append(
+            f"| {rule['name']} | {_cell(rule['value'])} | {limit} | {_cell(rule['champion'])}"
+            f" | {result} |"
+        )
+    lines += ["", f"Champion after the gate: version {report['champion_after'] or 'none'}", ""]
+    (out / DECISION_MD).write_text("\n".join(lines), encoding="utf-8")
+
+
+def _cell(value: float | None) -> str:
+    return "" if value is None else f"{value:.4g}"

@@ -1,0 +1,85 @@
+"""The scorer step: train the in-house CLIP-style scorer on the accepted training pairs.
+
+Its output folder (weights, config, a copy of the caption tokenizer, a report) is what
+the evaluator uses for CLIP score and FID features, and the sampler for reranking. The
+report gives its retrieval accuracy on held-out pairs: how often an image's own caption
+ranks first among 10.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from parti_ops.components.shards import write_json
+from parti_ops.components.tokenizers import load_pairs
+from parti_ops.components.versioning import files_digest
+
+log = logging.getLogger(__name__)
+
+REPORT = "scorer_report.json"
+SCORER_FILES = ["model.safetensors", "config.json"]
+RETRIEVAL_CANDIDATES = 10
+
+
+class ScorerError(ValueError):
+    """The scorer cannot be trained on this data; the message says what to do."""
+
+
+def scorer_version(folder: str | Path) -> str:
+    """The scorer's identity: a digest of its weights and config."""
+    return files_digest(folder, SCORER_FILES)
+
+
+def scorer_step(
+    config_json: str, parent_run_id: str, data_dir: str, text_tokenizer_dir: str, out_dir: str
+) -> dict[str, Any]:
+    """Train the scorer on the `train` pairs, report held-out retrieval; returns the report."""
+    from parti_ops.components.progress import progress_bar
+    from parti_ops.components.tracking import step_run
+    from parti_ops.model.config import Config
+    from parti_ops.model.scorer import load_scorer, retrieval_accuracy, train_scorer
+
+    config = Config.from_json(config_json)
+    cfg = config.scorer
+    out = Path(out_dir)
+    with step_run(config, "scorer", parent_run_id) as run:
+        images, captions = load_pairs(data_dir, "train")
+        if len(images) < 2:
+            raise ScorerError(
+                f"{data_dir}: the scorer needs captioned rows in split 'train' (has"
+                f" {len(images)}); ingest and validate a data set with captions first"
+            )
+        log.info("training the scorer on %d pairs, %d steps", len(images), cfg.steps)
+        with progress_bar("scorer") as update:
+            train_scorer(
+                cfg,
+                images,
+                captions,
+                text_tokenizer_dir,
+                config.text_tokenizer.max_length,
+                out,
+                progress=update,
+            )
+        model, processor = load_scorer(out)
+        report: dict[str, Any] = {"train_pairs": len(images), "steps": cfg.steps}
+        for split in ("validation", "test"):
+            held, held_captions = load_pairs(data_dir, split)
+            if len(held) >= RETRIEVAL_CANDIDATES:
+                report[f"{split}/retrieval_top1_of_{RETRIEVAL_CANDIDATES}"] = retrieval_accuracy(
+                    model, processor, held, held_captions, RETRIEVAL_CANDIDATES, seed=cfg.seed
+                )
+                report[f"{split}/pairs"] = len(held)
+        report["version"] = scorer_version(out)
+        write_json(out / REPORT, report)
+        run.log(
+            metrics={k: v for k, v in report.items() if isinstance(v, float)},
+            tags={"scorer.version": report["version"]},
+            step=cfg.steps,
+        )
+        run.log_artifact(out / REPORT, "scorer")
+    for key, value in report.items():
+        if key.endswith(f"retrieval_top1_of_{RETRIEVAL_CANDIDATES}"):
+            log.info("scorer %s: %.1f%%", key, 100 * value)
+    return report

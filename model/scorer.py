@@ -1,0 +1,286 @@
+"""An in-house CLIP-style image–text scorer: two towers trained contrastively.
+
+CLIP (Radford et al. 2021) embeds images and captions in one space and scores a pair by
+the cosine of their embeddings. Parti reranks its samples with such a scorer and reports
+CLIP score; FID needs an image feature network. No pretrained CLIP can be downloaded here,
+so this small one is trained on the accepted training pairs and serves all three.
+
+It speaks the interface torchmetrics expects of a CLIP model and processor
+(`get_image_features`, `get_text_features`, `processor(text=..., images=...)`), so
+torchmetrics' `CLIPScore` takes it, or a local Hugging Face CLIP, unchanged.
+
+Shapes: B batch, T text tokens, E embed_dim; images uint8 (B, H, W, 3) or (B, 3, H, W).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parti_ops.model.config import ScorerConfig
+from parti_ops.model.schedule import batch_indices, lr_factor
+from parti_ops.model.text_tokenizer import encode_captions, load_text_tokenizer
+
+log = logging.getLogger(__name__)
+
+WEIGHTS, CONFIG, TEXT_TOKENIZER = "model.safetensors", "config.json", "text_tokenizer"
+_POOL = 8  # the image tower keeps an 8x8 map: where a shape is matters to the caption
+
+
+class ImageTower(nn.Module):
+    """uint8 images → features (B, num_features), position kept by flattening a small map."""
+
+    def __init__(self, cfg: ScorerConfig):
+        super().__init__()
+        w = cfg.channels
+        layers: list[nn.Module] = [nn.Conv2d(3, w, 3, padding=1), nn.GELU()]
+        for i in range(3):  # three halvings: 64 → 8
+            layers += [nn.Conv2d(w << i, w << (i + 1), 4, stride=2, padding=1), nn.GELU()]
+        self.convs = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(_POOL), nn.Flatten())
+        self.num_features = 4 * cfg.embed_dim
+        self.fc = nn.Linear((w << 3) * _POOL * _POOL, self.num_features)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-1] == 3:  # channels last, as images are stored
+            images = images.permute(0, 3, 1, 2)
+        x = images.float() / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
+        return self.fc(self.convs(x))
+
+
+class TextTower(nn.Module):
+    """Token ids → the state of the last real token (`</s>`), as in CLIP."""
+
+    def __init__(self, cfg: ScorerConfig, vocab: int, length: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, cfg.text_width)
+        self.pos = nn.Parameter(torch.randn(length, cfg.text_width) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            cfg.text_width,
+            cfg.text_heads,
+            4 * cfg.text_width,
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.layers = nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg.text_width)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids) + self.pos[: ids.shape[1]]
+        x = self.norm(self.layers(x, src_key_padding_mask=~mask))  # (B, T, width)
+        last = mask.long().sum(dim=1).clamp(min=1) - 1
+        return x[torch.arange(len(x)), last]
+
+
+class ImageTextScorer(nn.Module):
+    """Two towers and projections into one l2-normalised space, with CLIP's learned scale.
+
+    Args:
+        config: the `scorer` section.
+        vocab: the caption tokenizer's vocabulary size.
+        length: the longest caption, in tokens.
+    """
+
+    def __init__(self, *, config: ScorerConfig, vocab: int, length: int):
+        super().__init__()
+        self.config, self.vocab, self.length = config, vocab, length
+        self.image = ImageTower(config)
+        self.text = TextTower(config, vocab, length)
+        self.image_proj = nn.Linear(self.image.num_features, config.embed_dim, bias=False)
+        self.text_proj = nn.Linear(config.text_width, config.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's init
+
+    def get_image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images → (B, E) embeddings (not normalised, like Hugging Face CLIP)."""
+        return self.image_proj(self.image(images))
+
+    def get_text_features(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.text_proj(self.text(ids, mask.bool()))
+
+    def forward(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits (B, B): image i against caption j, scaled cosine similarity."""
+        img = F.normalize(self.get_image_features(images), dim=-1)
+        txt = F.normalize(self.get_text_features(ids, mask), dim=-1)
+        return self.logit_scale.exp().clamp(max=100) * img @ txt.t()
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, out / WEIGHTS)
+        body = {
+            "scorer": dataclasses.asdict(self.config),
+            "vocab": self.vocab,
+            "length": self.length,
+        }
+        (out / CONFIG).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> ImageTextScorer:
+        """ValueError says what is wrong with the folder."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        try:
+            body: dict[str, Any] = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+            model = cls(
+                config=ScorerConfig(**body["scorer"]), vocab=body["vocab"], length=body["length"]
+            )
+            model.load_state_dict(load_file(folder / WEIGHTS))
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:
+            raise ValueError(
+                f"{folder}: not a scorer folder ({WEIGHTS} + {CONFIG}): {err}"
+            ) from None
+        return model.eval()
+
+
+class ScorerProcessor:
+    """Captions → ids and mask, images → a (B, 3, H, W) uint8 batch, as CLIP's processor does."""
+
+    def __init__(self, tokenizer, length: int):
+        self.tokenizer, self.length = tokenizer, length
+
+    def __call__(
+        self,
+        text: Sequence[str] | None = None,
+        images: Sequence[torch.Tensor] | None = None,
+        return_tensors: str = "pt",
+        padding: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        if text is not None:
+            ids, lengths, _ = encode_captions(self.tokenizer, list(text), self.length)
+            width = max(1, int(lengths.max()))
+            lengths_t = torch.from_numpy(lengths).long()
+            out["input_ids"] = torch.from_numpy(ids[:, :width].astype("int64"))
+            out["attention_mask"] = torch.arange(width)[None, :] < lengths_t[:, None]
+        if images is not None:
+            out["pixel_values"] = torch.stack([_channels_first(i) for i in images])
+        return out
+
+
+def _channels_first(image: torch.Tensor) -> torch.Tensor:
+    return image.permute(2, 0, 1) if image.shape[-1] == 3 else image
+
+
+def load_scorer(folder: str | Path) -> tuple[ImageTextScorer, ScorerProcessor]:
+    """A scorer folder (`train_scorer`'s output) → the model and its processor."""
+    model = ImageTextScorer.from_pretrained(folder)
+    tokenizer = load_text_tokenizer(Path(folder) / TEXT_TOKENIZER)
+    return model, ScorerProcessor(tokenizer, model.length)
+
+
+def train_scorer(
+    config: ScorerConfig,
+    images: torch.Tensor,
+    captions: Sequence[str],
+    tokenizer_dir: str | Path,
+    length: int,
+    out_dir: str | Path,
+    progress: Callable[[int, int], None] | None = None,
+) -> ImageTextScorer:
+    """Train on (image, caption) pairs with CLIP's symmetric InfoNCE loss; save to `out_dir`.
+
+    Batches are a function of (seed, step) (`batch_indices`), so a run is reproducible.
+    The caption tokenizer is copied into the folder, which then scores on its own.
+
+    Args:
+        images: uint8 (N, H, W, 3).
+        captions: N captions.
+        tokenizer_dir: the caption tokenizer (a transformers fast tokenizer folder).
+        length: captions are cut to this many tokens.
+    """
+    import shutil
+
+    if len(images) != len(captions) or len(images) < 2:
+        raise ValueError(f"{len(images)} images and {len(captions)} captions: need >= 2 pairs")
+    tokenizer = load_text_tokenizer(tokenizer_dir)
+    ids, lengths, _ = encode_captions(tokenizer, list(captions), length)
+    ids_t = torch.from_numpy(ids.astype("int64"))
+    mask = torch.arange(ids_t.shape[1])[None, :] < torch.from_numpy(lengths).long()[:, None]
+    torch.manual_seed(config.seed)
+    model = ImageTextScorer(config=config, vocab=len(tokenizer), length=length)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    batch = min(config.batch_size, len(images))
+    model.train()
+    for step in range(config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * lr_factor(step, config)
+        rows = batch_indices(step, batch, len(images), config.seed)
+        width = max(1, int(mask[rows].sum(dim=1).max()))
+        logits = model(images[rows], ids_t[rows, :width], mask[rows, :width])
+        target = torch.arange(batch)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 100 == 0 or step == config.steps - 1:
+            log.info("scorer step %d/%d: loss %.4f", step + 1, config.steps, loss.item())
+        if progress:
+            progress(step + 1, config.steps)
+    model.eval()
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    shutil.copytree(tokenizer_dir, out / TEXT_TOKENIZER, dirs_exist_ok=True)
+    return model
+
+
+@torch.inference_mode()
+def similarity(
+    model: ImageTextScorer,
+    processor: ScorerProcessor,
+    images: torch.Tensor,
+    captions: Sequence[str],
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Cosine similarity (N, M) of N uint8 images with M captions."""
+    img = torch.cat(
+        [
+            F.normalize(model.get_image_features(images[i : i + batch_size]), dim=-1)
+            for i in range(0, len(images), batch_size)
+        ]
+    )
+    text = processor(text=list(captions))
+    txt = F.normalize(model.get_text_features(text["input_ids"], text["attention_mask"]), dim=-1)
+    return img @ txt.t()
+
+
+def retrieval_accuracy(
+    model: ImageTextScorer,
+    processor: ScorerProcessor,
+    images: torch.Tensor,
+    captions: Sequence[str],
+    candidates: int = 10,
+    seed: int = 0,
+) -> float:
+    """Share of images whose own caption ranks first among `candidates` captions.
+
+    The others are the captions of `candidates - 1` other images of the same set, drawn
+    with a fixed seed; captions equal to the true one are not counted as rivals.
+    """
+    n = len(images)
+    if n < candidates:
+        raise ValueError(f"{n} images: need at least {candidates} for {candidates} candidates")
+    scores = similarity(model, processor, images, captions)  # (N, N)
+    generator = torch.Generator().manual_seed(seed)
+    hits = 0
+    for i in range(n):
+        others = torch.randperm(n - 1, generator=generator)[: candidates - 1]
+        others = others + (others >= i).long()  # skip the image's own row
+        rivals = [j for j in others.tolist() if captions[j] != captions[i]]
+        hits += bool((scores[i, rivals] < scores[i, i]).all())
+    return hits / n

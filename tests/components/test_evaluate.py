@@ -1,0 +1,129 @@
+"""The scorer and the pinned evaluator on a real (small) bundle: reproducible, reused, clear."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from parti_ops.components.evaluate import (
+    EVALUATION,
+    REPORT,
+    SAMPLES,
+    EvaluationError,
+    FeatureModel,
+    evaluate_bundle,
+)
+from parti_ops.components.scorer import REPORT as SCORER_REPORT
+from parti_ops.components.scorer import scorer_step
+from parti_ops.components.tokenizers import load_pairs
+from parti_ops.model.config import Config
+from parti_ops.model.generate import TextToImage
+
+SCORER = {
+    "scorer.steps": 120,
+    "scorer.warmup_steps": 5,
+    "scorer.batch_size": 16,
+    "scorer.channels": 4,
+    "scorer.embed_dim": 16,
+    "scorer.text_width": 32,
+    "scorer.text_layers": 1,
+    "evaluate.prompts": 4,
+    "evaluate.fid_images": 16,
+    "evaluate.batch_size": 8,
+}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, inputs, small, train_bundle):
+    root = tmp_path_factory.mktemp("evaluate")
+    config = Config.load("tiny", overrides={**small, **SCORER, "work_dir": str(root / "work")})
+    report = scorer_step(
+        config.to_json(), "", str(inputs["accepted"]), str(inputs["text"]), str(root / "scorer")
+    )
+    train_bundle(root / "bundle")
+    return {"config": config, "root": root, "scorer": root / "scorer", "report": report}
+
+
+def test_the_scorer_learns_the_training_pairs_and_reports_held_out_retrieval(setup, inputs):
+    features = FeatureModel.load(setup["scorer"])
+    images, captions = load_pairs(inputs["accepted"], "train")
+    img = torch.nn.functional.normalize(features.image_features(images[:16]), dim=-1)
+    txt = torch.nn.functional.normalize(features.text_features(captions[:16]), dim=-1)
+    own = (img @ txt.t()).argmax(dim=1) == torch.arange(16)
+    assert own.float().mean() > 0.3  # chance: 1 in 16
+    saved = json.loads((setup["scorer"] / SCORER_REPORT).read_text())
+    assert saved == setup["report"] and saved["version"] == features.version
+    retrieval = [k for k in saved if "retrieval_top1_of_10" in k]
+    assert retrieval and all(0 <= saved[k] <= 1 for k in retrieval)
+
+
+def test_re_evaluating_a_bundle_gives_identical_numbers_and_reuses_fid_references(setup, inputs):
+    root, config = setup["root"], setup["config"]
+    refs = root / "refs"
+    first = evaluate_bundle(config, root / "bundle", inputs["accepted"], setup["scorer"],
+                            root / "e1", refs)  # fmt: skip
+    (reference,) = refs.iterdir()
+    written = reference.stat().st_mtime_ns
+    second = evaluate_bundle(config, root / "bundle", inputs["accepted"], setup["scorer"],
+                             root / "e2", refs)  # fmt: skip
+    assert first == second  # every metric, the key and the reference file's name
+    assert reference.stat().st_mtime_ns == written  # computed once, then reused
+    assert json.loads((root / "e1" / EVALUATION).read_text()) == first
+    metrics = first["metrics"]
+    for name in ("fidelity", "heldout_bits_per_token", "clip_score", "fid"):
+        assert name in metrics and metrics[name] == metrics[name]  # present, not NaN
+    assert 0 <= metrics["fidelity"] <= 1 and metrics["fid"] >= 0
+    for attribute in ("shape", "colour", "position", "count", "exact"):
+        assert f"test/{attribute}" in metrics and f"validation/{attribute}" in metrics
+    assert first["key"]["data_digest"].endswith(".dir")
+    assert "| fidelity |" in (root / "e1" / REPORT).read_text()
+    assert (root / "e1" / SAMPLES).stat().st_size > 0
+
+    other = dataclasses.replace(
+        config, sample=dataclasses.replace(config.sample, guidance_scale=1.0)
+    )
+    third = evaluate_bundle(other, root / "bundle", inputs["accepted"], setup["scorer"],
+                            root / "e3", refs)  # fmt: skip
+    assert third["key"]["evaluator"] != first["key"]["evaluator"]  # other settings: not comparable
+    assert third["key"]["data_digest"] == first["key"]["data_digest"]
+
+
+def test_reranking_keeps_the_candidate_the_scorer_likes_best(setup):
+    bundle = TextToImage.load(setup["root"] / "bundle")
+    features = FeatureModel.load(setup["scorer"])
+    prompt = "a large red circle in the center on a black background"
+    settings = dataclasses.replace(setup["config"].sample, candidates=4, seed=3)
+    one_each = dataclasses.replace(settings, candidates=1)
+    every = bundle([prompt] * 4, one_each, seeds=[12, 13, 14, 15])  # candidate j: seed 3*4 + j
+    scores = features.reranker()(every, prompt)
+    best = bundle([prompt], settings, rerank=features.reranker())
+    assert torch.equal(best[0], every[int(scores.argmax())])
+
+
+def test_bad_inputs_get_clear_errors(setup, inputs, tmp_path, small):
+    with pytest.raises(EvaluationError, match="neither a `parti scorer train` folder"):
+        FeatureModel.load(tmp_path)
+    config = Config.load("tiny", overrides={**small, **SCORER, "work_dir": str(tmp_path / "w")})
+    with pytest.raises(FileNotFoundError, match="no manifest; point at a folder written by"):
+        scorer_step(config.to_json(), "", str(tmp_path), str(inputs["text"]), str(tmp_path / "s"))
+
+
+def _parti(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "parti_ops.pipelines.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_generate_with_candidates_needs_a_scorer_and_uses_it(setup, tmp_path, small):
+    sets = [a for k, v in {**small, **SCORER}.items() for a in ("--set", f"{k}={v}")]
+    bundle = str(setup["root"] / "bundle")
+    refused = _parti("generate", "--prompt", "a red circle", "--model", bundle,
+                     "--candidates", "3", "--out", str(tmp_path / "x.png"), *sets)  # fmt: skip
+    assert refused.returncode != 0 and "needs --scorer" in refused.stderr
+    scorer = str(setup["scorer"])
+    done = _parti("generate", "--prompt", "a red circle", "--model", bundle, "--candidates", "3",
+                  "--scorer", scorer, "--out", str(tmp_path / "x.png"), *sets)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "x.png").stat().st_size > 0
