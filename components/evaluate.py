@@ -31,11 +31,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from parti_ops.components.scorer import scorer_version
 from parti_ops.components.shards import read_manifest, write_json
 from parti_ops.components.tokenizers import iter_split, load_pairs, parse_scene
 from parti_ops.components.versioning import files_digest
 from parti_ops.model.config import Config
 from parti_ops.model.scenes import compare, read_scene
+from parti_ops.model.scorer import TEXT_TOKENIZER, load_scorer
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +64,9 @@ class FeatureModel:
     def load(cls, folder: str | Path) -> FeatureModel:
         """The in-house scorer's folder, or a local Hugging Face CLIP folder."""
         folder = Path(folder)
-        if (folder / "config.json").is_file() and '"scorer"' in (
-            folder / "config.json"
-        ).read_text():
-            from parti_ops.model.scorer import load_scorer
-
+        if (folder / TEXT_TOKENIZER).is_dir():  # a scorer carries its caption tokenizer
             model, processor = load_scorer(folder)
-            version = files_digest(folder, ["model.safetensors", "config.json"])
-            return cls(model, processor, version, model.config.embed_dim)
+            return cls(model, processor, scorer_version(folder), model.config.embed_dim)
         try:
             from transformers import CLIPModel, CLIPProcessor
 

@@ -207,9 +207,8 @@ def train_scorer(
     if len(images) != len(captions) or len(images) < 2:
         raise ValueError(f"{len(images)} images and {len(captions)} captions: need >= 2 pairs")
     tokenizer = load_text_tokenizer(tokenizer_dir)
-    ids, lengths, _ = encode_captions(tokenizer, list(captions), length)
-    ids_t = torch.from_numpy(ids.astype("int64"))
-    mask = torch.arange(ids_t.shape[1])[None, :] < torch.from_numpy(lengths).long()[:, None]
+    text = ScorerProcessor(tokenizer, length)(text=list(captions))
+    ids_t, mask = text["input_ids"], text["attention_mask"]
     torch.manual_seed(config.seed)
     model = ImageTextScorer(config=config, vocab=len(tokenizer), length=length)
     optimizer = torch.optim.AdamW(
