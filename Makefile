@@ -18,7 +18,22 @@ $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	$(BIN)/python -m pip check
 	touch $@
 
-install: $(VENV)/.installed
+# Serving on this machine: the tritonserver bundled in the nvidia-pytriton wheel (Python
+# backend, CPU), unpacked beside the venv rather than installed (the wheel pins numpy < 2),
+# and the small environment its Python models run in (deploy/serve-requirements.txt).
+TRITON_WHEEL := nvidia-pytriton==0.7.0
+$(VENV)/.serving: $(VENV)/.installed deploy/serve-requirements.txt
+	rm -rf $(VENV)/serve-env $(VENV)/tritonserver $(VENV)/wheels
+	$(PYTHON) -m venv $(VENV)/serve-env
+	$(VENV)/serve-env/bin/python -m pip install --quiet -r deploy/serve-requirements.txt
+	$(BIN)/python -m pip download --quiet --no-deps -d $(VENV)/wheels $(TRITON_WHEEL)
+	$(BIN)/python -m zipfile -e $(VENV)/wheels/nvidia_pytriton-*.whl $(VENV)/tritonserver
+	chmod +x $(VENV)/tritonserver/pytriton/tritonserver/bin/* \
+		$(VENV)/tritonserver/pytriton/tritonserver/python_backend_stubs/*/triton_python_backend_stub
+	rm -rf $(VENV)/wheels
+	touch $@
+
+install: $(VENV)/.installed $(VENV)/.serving
 
 run: install  ## the whole pipeline on this machine (kfp.local), tiny preset
 	$(BIN)/parti run --preset $(PRESET)

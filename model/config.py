@@ -406,6 +406,65 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    """ONNX export, the parity checks that follow it, and the int8 variant."""
+
+    opset: int = 20
+    parity_prompts: int = 32  # greedy decoding must agree on every one of these
+    parity_guidance: float = 3.0  # guidance used by the parity run, so both halves are checked
+    logits_atol: float = 1e-4  # largest |ONNX - PyTorch| of any logit
+    pixel_tolerance: float = 1 / 255  # mean |ONNX - PyTorch| of decoded pixels in [0, 1]
+    int8: bool = True  # also write ONNX Runtime's dynamically quantised int8 variant
+    int8_prompts: int = 64  # prompts that measure the int8 variant's fidelity and speed
+    max_int8_fidelity_drop: float = 0.02  # oracle exact accuracy; beyond it fp32 is served
+
+    def __post_init__(self) -> None:
+        p = "export."
+        _check(17 <= self.opset <= 23, f"{p}opset={self.opset}: use 17..23")
+        _check(self.parity_prompts >= 1 and self.int8_prompts >= 1, f"{p}*_prompts must be >= 1")
+        check_sampling(self.parity_guidance, 0.0, 0, 1.0, p + "parity_")
+        _check(self.logits_atol > 0 and self.pixel_tolerance > 0, f"{p}tolerances must be > 0")
+        _check(0 <= self.max_int8_fidelity_drop <= 1, f"{p}max_int8_fidelity_drop: use 0..1")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The Triton model repository and the server that `parti serve` starts."""
+
+    model_name: str = "parti"
+    # Dynamic batching: requests are merged up to `max_batch_size` prompts, waiting at most
+    # `queue_delay_us` for more; past `max_queue_size` waiting requests Triton rejects new
+    # ones at once rather than letting clients hang.
+    max_batch_size: int = 8
+    queue_delay_us: int = 5000
+    max_queue_size: int = 32
+    instances: int = 1  # model instances (each its own ONNX Runtime sessions)
+    threads: int = 0  # ONNX Runtime intra-op threads per instance; 0: one per core
+    precision: str = "auto"  # fp32 | int8 | auto: int8 where its fidelity drop is in bounds
+    max_prompt_bytes: int = 4096  # longer prompts are refused (the tokenizer would cut them)
+    # ONNX Runtime execution providers of the orchestrator, in order of preference; on a
+    # GPU server "TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider".
+    providers: str = "CPUExecutionProvider"
+    host: str = "127.0.0.1"
+    http_port: int = 0  # 0: a free port
+    grpc_port: int = 0
+    metrics_port: int = 0
+    ready_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        p = "serve."
+        _check(bool(self.model_name.strip()), f"{p}model_name must not be empty")
+        for name in ("max_batch_size", "max_queue_size", "instances", "max_prompt_bytes"):
+            _check(getattr(self, name) >= 1, f"{p}{name} must be >= 1")
+        _check(self.queue_delay_us >= 0 and self.threads >= 0, f"{p}queue_delay_us, threads >= 0")
+        _check(self.precision in ("fp32", "int8", "auto"), f"{p}precision: fp32|int8|auto")
+        _check(bool(self.providers.strip()), f"{p}providers must name at least one provider")
+        for name in ("http_port", "grpc_port", "metrics_port"):
+            _check(0 <= getattr(self, name) <= 65_535, f"{p}{name}: use 0 (free) or a port")
+        _check(self.ready_timeout_s > 0, f"{p}ready_timeout_s must be > 0")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration: one frozen section per concern."""
 
@@ -421,6 +480,8 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def __post_init__(self) -> None:
         size, down = self.data.image_size, self.image_tokenizer.downsample

@@ -202,7 +202,9 @@ class Parti(nn.Module):
             null_mask[:, 0] = True
             null_states = self.null_text.expand_as(states) * null_mask[..., None]
             states = torch.where(null[:, None, None], null_states, states)
-            text_mask = torch.where(null[:, None], null_mask, text_mask)
+            # Logical ops, not torch.where: ONNX Runtime has no boolean Where kernel.
+            keep = null[:, None]
+            text_mask = (null_mask & keep) | (text_mask & ~keep)
         return states, text_mask
 
     def start_cache(self, states: torch.Tensor, text_mask: torch.Tensor) -> KVCache:

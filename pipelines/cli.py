@@ -30,6 +30,10 @@ registry_app = typer.Typer(help="The MLflow model registry: versions, champion, 
 app.add_typer(registry_app, name="registry")
 scorer_app = typer.Typer(help="The in-house CLIP-style image–text scorer.")
 app.add_typer(scorer_app, name="scorer")
+export_app = typer.Typer(help="Export: ONNX with parity checks, TensorRT, the Triton repository.")
+app.add_typer(export_app, name="export")
+client_app = typer.Typer(help="Call a Triton endpoint serving the `parti` model.")
+app.add_typer(client_app, name="client")
 
 console = Console(stderr=True)
 
@@ -68,6 +72,9 @@ def _clear_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         from parti_ops.components.tokenizers import TokenizerError
         from parti_ops.components.train import TrainError
         from parti_ops.components.validate import DataValidationError
+        from parti_ops.deploy.client import ClientError
+        from parti_ops.deploy.server import ServerError
+        from parti_ops.deploy.tensorrt import TensorRTUnavailable
         from parti_ops.model.checkpoint import CheckpointError
 
         expected = (
@@ -79,6 +86,9 @@ def _clear_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             EncodedFormatError,
             TokenizerError,
             TrainError,
+            ServerError,
+            ClientError,
+            TensorRTUnavailable,
             ValueError,  # unreadable model folders, bad sampling settings
             OSError,
         )
@@ -615,6 +625,199 @@ def registry_rollback(
             "previous-champion": result["previous_champion"] or "none",
         },
     )
+
+
+@export_app.command("onnx")
+@_clear_errors
+def export_onnx(
+    model: Annotated[Path, typer.Option(help="Model bundle (`parti train`'s output).")],
+    out: Annotated[Path, typer.Option(help="Folder for the ONNX graphs (replaced).")] = Path(
+        "outputs/onnx"
+    ),
+    preset: Preset = "tiny",
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+) -> None:
+    """Export the text encoder, the KV-cache decoder step and the VQGAN decoder to ONNX.
+
+    Parity with PyTorch is checked right after (export.logits_atol, export.pixel_tolerance,
+    100 % greedy agreement on export.parity_prompts prompts); with export.int8 the int8
+    variant is written and its fidelity drop and speed-up measured.
+    """
+    import json
+
+    from parti_ops.deploy.onnx import compare_int8, export_onnx, quantize_int8
+
+    cfg = _load(preset, config, overrides)
+    report = export_onnx(model, out, cfg.export)
+    print(json.dumps({"parity": report}, indent=2))
+    if cfg.export.int8:
+        quantize_int8(out)
+        print(json.dumps({"int8": compare_int8(out, cfg.export)}, indent=2))
+    _print_paths("exported", {"onnx": out.resolve()})
+
+
+@export_app.command("tensorrt")
+@_clear_errors
+def export_tensorrt(
+    onnx: Annotated[Path, typer.Option(help="Exported ONNX folder (`parti export onnx`).")],
+    model: Annotated[Path, typer.Option(help="The bundle it came from, for parity.")],
+    out: Annotated[Path, typer.Option(help="Folder for the TensorRT engine cache.")] = Path(
+        "outputs/tensorrt"
+    ),
+    preset: Preset = "tiny",
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+) -> None:
+    """Build TensorRT engines from the ONNX graphs and check parity on this GPU.
+
+    Needs an NVIDIA GPU and TensorRT (as in NGC's images); elsewhere it says so and exits 1.
+    """
+    import json
+
+    from parti_ops.deploy.tensorrt import build_engines
+
+    cfg = _load(preset, config, overrides)
+    print(json.dumps(build_engines(onnx, model, out, cfg.export), indent=2))
+
+
+@export_app.command("triton")
+@_clear_errors
+def export_triton(
+    version: Annotated[int, typer.Option(help="Version folder: the MLflow registry version.")],
+    repository: Annotated[Path, typer.Option(help="Model repository to add it to.")] = Path(
+        "outputs/triton"
+    ),
+    onnx: Annotated[
+        Path | None, typer.Option(help="Exported ONNX folder; else --model is exported first.")
+    ] = None,
+    model: Annotated[Path | None, typer.Option(help="Model bundle to export.")] = None,
+    target: Annotated[str, typer.Option(help="cpu: Python backend only; gpu: also ORT.")] = "cpu",
+    url: Annotated[
+        str | None, typer.Option(help="A running server (explicit mode) to switch over.")
+    ] = None,
+    preset: Preset = "tiny",
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+) -> None:
+    """Add a version to the Triton model repository and make it the served one.
+
+    With --url the running server loads it; if the load fails it keeps serving the old
+    version, and the repository's config is put back.
+    """
+    import tempfile
+
+    from parti_ops.deploy.onnx import export_onnx
+    from parti_ops.deploy.triton import add_version, set_served_version, update_served_version
+
+    cfg = _load(preset, config, overrides)
+    if (onnx is None) == (model is None):
+        raise typer.BadParameter("give exactly one of --onnx and --model")
+    with tempfile.TemporaryDirectory() as tmp:
+        if onnx is None:
+            onnx = Path(tmp) / "onnx"
+            export_onnx(model, onnx, cfg.export)
+        add_version(repository, onnx, version, cfg.serve, target=target, report=_sample(cfg))
+    if url:
+        served, error = update_served_version(url, repository, cfg.serve, version)
+        if error:
+            console.print(f"[red]error:[/red] {error}", highlight=False)
+            raise typer.Exit(1)
+    else:
+        set_served_version(repository, cfg.serve, version)
+    _print_paths(
+        f"{cfg.serve.model_name} version {version} is served",
+        {"repository": repository.resolve()},
+    )
+
+
+def _sample(cfg: Config) -> dict[str, Any]:
+    import dataclasses
+
+    return {"sample": dataclasses.asdict(cfg.sample)}
+
+
+@app.command("serve")
+@_clear_errors
+def serve(
+    repository: Annotated[Path, typer.Option(help="Model repository (`parti export triton`).")] = (
+        Path("outputs/triton")
+    ),
+    preset: Preset = "tiny",
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+) -> None:
+    """Start tritonserver on 127.0.0.1 (serve.host) with the repository, until Ctrl-C/SIGTERM.
+
+    Free ports are picked unless serve.http_port / grpc_port / metrics_port are set.
+    """
+    import signal
+    import threading
+
+    from parti_ops.deploy.server import TritonServer
+
+    cfg = _load(preset, config, overrides)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    server = TritonServer(repository, cfg.serve).start()
+    try:
+        _print_paths(
+            "tritonserver is ready (Ctrl-C stops it)",
+            {"http": server.http_url, "grpc": server.grpc_url, "metrics": server.metrics_url},
+        )
+        while not stop.wait(1.0):
+            if server.process.poll() is not None:
+                console.print(f"[red]tritonserver exited:[/red]\n{server.tail()}")
+                raise typer.Exit(1)
+    finally:
+        code = server.stop()
+        console.print(f"tritonserver stopped (exit {code})")
+
+
+@client_app.command("generate")
+@_clear_errors
+def client_generate(
+    prompt: Annotated[list[str], typer.Option(help="Caption to draw (repeatable).")],
+    url: Annotated[str, typer.Option(help="http://host:port or grpc://host:port.")],
+    out: Annotated[
+        Path, typer.Option(help="PNG to write; with several prompts, -<i> is added to the name.")
+    ] = Path("image.png"),
+    seed: Annotated[int | None, typer.Option(help="Seed of the first prompt.")] = None,
+    guidance_scale: Annotated[float | None, typer.Option(help="Classifier-free guidance.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="0: greedy.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="0: off.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="In (0, 1]; 1: off.")] = None,
+    model: Annotated[str, typer.Option(help="Model name on the server.")] = "parti",
+) -> None:
+    """Generate images through a Triton endpoint (tritonclient, HTTP or gRPC)."""
+    from PIL import Image
+
+    from parti_ops.deploy.client import ClientError, generate
+
+    try:
+        images, _ = generate(
+            url,
+            prompt,
+            model=model,
+            seed=seed,
+            guidance_scale=guidance_scale,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+        )
+    except ClientError as err:
+        console.print(f"[red]server refused:[/red] {err}", highlight=False)
+        raise typer.Exit(1) from None
+    paths = (
+        [out]
+        if len(prompt) == 1
+        else [out.with_stem(f"{out.stem}-{i}") for i in range(len(prompt))]
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for image, path in zip(images, paths, strict=True):
+        Image.fromarray(image).save(path)
+    _print_paths(f"{len(paths)} image(s) from {url}", {p.name: p.resolve() for p in paths})
 
 
 def _print_paths(title: str, paths: dict[str, Any]) -> None:
