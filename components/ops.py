@@ -376,3 +376,41 @@ def register_op(
         version=str(report.get("version", "")), promoted=bool(report.get("promoted"))
     )
     return bool(report.get("promoted"))
+
+
+@dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+def export_op(
+    config_json: str,
+    parent_run_id: str,
+    decision: Input[Markdown],
+    repository: Output[Model],
+) -> str:
+    """Export the registry's champion to ONNX (parity-checked) into a Triton repository.
+
+    Runs after the gate (`decision`), whichever way it went; returns the served version.
+    """
+    from parti_ops.components.export import ExportStepError, export_step
+
+    try:
+        report = export_step(config_json, parent_run_id, repository.path)
+    except (ExportStepError, ValueError) as err:
+        raise SystemExit(f"export: {err}") from None
+    repository.metadata.update(version=report["registry_version"], precision=report["precision"])
+    return report["registry_version"]
+
+
+@dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+def smoke_test_op(
+    config_json: str,
+    parent_run_id: str,
+    repository: Input[Model],
+    smoke: Output[Dataset],
+    metrics: Output[Metrics],
+):
+    """Start tritonserver on the repository and generate one image over HTTP and gRPC."""
+    from parti_ops.components.serve import smoke_test_step
+
+    report = smoke_test_step(config_json, parent_run_id, repository.path, smoke.path)
+    for name, ok in report["checks"].items():
+        metrics.log_metric(f"oracle_{name}", float(ok))
+    metrics.log_metric("latency_s", report["latency_s"])

@@ -432,6 +432,9 @@ class ServeConfig:
     """The Triton model repository and the server that `parti serve` starts."""
 
     model_name: str = "parti"
+    # cpu: the orchestrator alone (Python backend, as in the nvidia-pytriton bundle); gpu:
+    # also the three graphs as ONNX Runtime backend models with TensorRT (NGC images).
+    target: str = "cpu"
     # Dynamic batching: requests are merged up to `max_batch_size` prompts, waiting at most
     # `queue_delay_us` for more; past `max_queue_size` waiting requests Triton rejects new
     # ones at once rather than letting clients hang.
@@ -458,6 +461,7 @@ class ServeConfig:
             _check(getattr(self, name) >= 1, f"{p}{name} must be >= 1")
         _check(self.queue_delay_us >= 0 and self.threads >= 0, f"{p}queue_delay_us, threads >= 0")
         _check(self.precision in ("fp32", "int8", "auto"), f"{p}precision: fp32|int8|auto")
+        _check(self.target in ("cpu", "gpu"), f"{p}target={self.target!r}: cpu|gpu")
         _check(bool(self.providers.strip()), f"{p}providers must name at least one provider")
         for name in ("http_port", "grpc_port", "metrics_port"):
             _check(0 <= getattr(self, name) <= 65_535, f"{p}{name}: use 0 (free) or a port")

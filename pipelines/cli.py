@@ -485,6 +485,8 @@ def run(
     overrides: Overrides = None,
 ) -> None:
     """Run the whole pipeline on this machine (kfp.local) and print where everything went."""
+    import json
+
     from parti_ops.pipelines.parti import run_local
 
     cfg = _load(preset, config, overrides)
@@ -508,7 +510,20 @@ def run(
             "scorer": result.scorer,
             "evaluation": result.evaluation,
             "promotion decision": result.decision,
+            "Triton repository": result.repository,
             "MLflow store": result.tracking_uri,
+        },
+    )
+    smoke = json.loads((result.smoke / "smoke.json").read_text(encoding="utf-8"))
+    http, grpc = smoke["endpoints"]["http"], smoke["endpoints"]["grpc"]
+    _print_paths(
+        "served through tritonserver (smoke test; stopped after it)",
+        {
+            "endpoint": f"{http}/v2/models/parti (and {grpc})",
+            "prompt": smoke["prompt"],
+            "image": result.smoke / "smoke.png",
+            "oracle": ", ".join(k for k, ok in smoke["checks"].items() if ok) or "no attribute",
+            "serve again": f"parti serve --repository {result.repository}",
         },
     )
 

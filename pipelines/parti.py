@@ -4,6 +4,8 @@
                                   ├─► image tokenizer ─┘                            ├─► evaluate ─►
                                   └─► scorer (after the text tokenizer) ─► FID refs ─┘   register
                                                                           + promotion gate (MLflow)
+      ─► export the champion (ONNX, parity-checked) into a Triton repository ─► smoke test
+         through tritonserver (HTTP + gRPC, attribute oracle)
     (the synthetic set is drawn by the ingest step when no source is given)
 
 The same pipeline function runs on this machine with `kfp.local` and compiles to
@@ -24,11 +26,13 @@ from parti_ops.components.ops import (
     encode_op,
     end_run_op,
     evaluate_op,
+    export_op,
     fid_reference_op,
     image_tokenizer_op,
     ingest_op,
     register_op,
     scorer_op,
+    smoke_test_op,
     start_run_op,
     text_tokenizer_op,
     train_op,
@@ -139,6 +143,18 @@ def _steps(
             references=references.outputs["references"],
         )
         register.set_caching_options(False)  # the registry's state is an input kfp cannot see
+        export = export_op(
+            config_json=config_json,
+            parent_run_id=parent,
+            decision=register.outputs["decision"],
+        )
+        export.set_caching_options(False)  # exports whatever the champion alias now names
+        smoke = smoke_test_op(
+            config_json=config_json,
+            parent_run_id=parent,
+            repository=export.outputs["repository"],
+        )
+        smoke.set_caching_options(False)
 
 
 def compile_pipeline(path: str | Path = COMPILED, config: Config | None = None) -> Path:
@@ -164,6 +180,8 @@ class LocalRun:
     scorer: Path
     evaluation: Path
     decision: Path
+    repository: Path
+    smoke: Path
     run_dir: Path
     tracking_uri: str
 
@@ -213,6 +231,8 @@ def run_local(config: Config, source: str | Path | None = None) -> LocalRun:
         scorer=run_dir / "scorer-op" / "scorer",
         evaluation=run_dir / "evaluate-op" / "evaluation",
         decision=run_dir / "register-op" / "decision",
+        repository=run_dir / "export-op" / "repository",
+        smoke=run_dir / "smoke-test-op" / "smoke",
         run_dir=run_dir,
         tracking_uri=config.mlflow_tracking_uri(),
     )

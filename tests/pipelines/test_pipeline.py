@@ -7,6 +7,7 @@ import pytest
 from mlflow import MlflowClient
 
 from parti_ops.components.versioning import dvc_md5
+from parti_ops.deploy.triton import served_version
 from parti_ops.model.config import Config
 from parti_ops.pipelines.parti import COMPILED, compile_pipeline, run_local
 
@@ -41,6 +42,8 @@ QUICK = {
     "evaluate.prompts": 4,
     "evaluate.fid_images": 16,
     "registry.max_bits_per_token": 11.0,  # three training steps: barely below log2(1024)
+    "export.parity_prompts": 4,
+    "export.int8": False,
 }
 
 
@@ -61,7 +64,7 @@ def test_local_run_writes_artifacts_and_nested_mlflow_runs(tmp_path):
     parent = next(r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags)
     assert parent.info.status == "FINISHED"
     steps = ("synth", "ingest", "validate", "text-tokenizer", "image-tokenizer", "encode", "train",
-             "scorer", "evaluate", "register")  # fmt: skip
+             "scorer", "evaluate", "register", "export", "smoke-test")  # fmt: skip
     for step in steps:
         assert runs[step].data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert runs[step].info.status == "FINISHED"
@@ -100,6 +103,17 @@ def test_local_run_writes_artifacts_and_nested_mlflow_runs(tmp_path):
     client = MlflowClient(config.mlflow_tracking_uri())
     champion = client.get_model_version_by_alias(config.registry.model_name, "champion")
     assert str(champion.version) == "1" and champion.tags["data_digest"] == digest
+
+    # The champion is exported, parity-checked, and served as version 1 of the repository.
+    assert served_version(result.repository, config.serve) == 1
+    exported = json.loads((result.repository / "parti" / "1" / "export.json").read_text())
+    assert exported["parity"]["greedy_sequence_agreement"] == 1.0
+    assert runs["export"].data.metrics["export.greedy_sequence_agreement"] == 1.0
+    smoke = json.loads((result.smoke / "smoke.json").read_text())
+    assert smoke["image_shape"] == [64, 64, 3] and smoke["tokens"] == 256
+    assert smoke["endpoints"]["http"].startswith("http://127.0.0.1:")
+    assert (result.smoke / "smoke.png").stat().st_size > 0
+    assert set(smoke["checks"]) >= {"background", "exact"}
 
 
 def test_the_training_step_asks_for_gpus_when_configured(tmp_path):

@@ -1,0 +1,91 @@
+"""Pipeline step: export the registry's champion to ONNX and add it to the Triton repository.
+
+The served version is the one the `champion` alias points at, whichever run promoted it,
+and its repository folder is named by its registry version. The export is checked for
+parity with PyTorch (an ExportError fails the step); the int8 variant is served only
+when `serve.precision` allows it and its fidelity drop is within bounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from parti_ops.model.config import Config
+
+log = logging.getLogger(__name__)
+
+
+class ExportStepError(ValueError):
+    """Nothing to export, or an export that cannot be served; the message says which."""
+
+
+def choose_precision(wanted: str, int8: dict[str, Any] | None) -> str:
+    """fp32 or int8: `auto` takes int8 only when its measured fidelity drop is in bounds."""
+    if wanted == "fp32":
+        return "fp32"
+    if int8 is None:
+        if wanted == "int8":
+            raise ExportStepError("serve.precision=int8 needs export.int8=true")
+        return "fp32"
+    if wanted == "int8" and not int8["served"]:
+        raise ExportStepError(
+            f"int8 loses {int8['fidelity_drop']:.3f} fidelity, more than "
+            f"export.max_int8_fidelity_drop={int8['max_fidelity_drop']}; serve fp32"
+        )
+    return "int8" if int8["served"] else "fp32"
+
+
+def export_step(config_json: str, parent_run_id: str, repository_dir: str) -> dict[str, Any]:
+    """Export the champion into `repository_dir` and serve it there; returns the report."""
+    from parti_ops.components.registry import CHAMPION, alias_version, download_bundle
+    from parti_ops.components.tracking import step_run
+    from parti_ops.deploy.onnx import compare_int8, export_onnx, quantize_int8
+    from parti_ops.deploy.triton import add_version, set_served_version
+
+    config = Config.from_json(config_json)
+    name = config.registry.model_name
+    with step_run(config, "export", parent_run_id) as run:
+        version = alias_version(run.client, name, CHAMPION)
+        if version is None:
+            raise ExportStepError(f"registered model {name!r} has no champion to export")
+        with tempfile.TemporaryDirectory(prefix="export-") as tmp:
+            bundle = download_bundle(run.client, config, version, Path(tmp) / "bundle")
+            onnx_dir = Path(tmp) / "onnx"
+            parity = export_onnx(bundle, onnx_dir, config.export)
+            int8 = None
+            if config.export.int8:
+                quantize_int8(onnx_dir)
+                int8 = compare_int8(onnx_dir, config.export)
+            precision = choose_precision(config.serve.precision, int8)
+            report = {
+                "registry_version": version,
+                "precision": precision,
+                "parity": parity,
+                "int8": int8,
+                "sample": dataclasses.asdict(config.sample),
+            }
+            add_version(
+                repository_dir,
+                onnx_dir,
+                int(version),
+                config.serve,
+                target=config.serve.target,
+                precision=precision,
+                report=report,
+            )
+        set_served_version(repository_dir, config.serve, int(version))
+        metrics = {
+            "export.logits_max_abs_diff": parity["logits_max_abs_diff"],
+            "export.pixels_mean_abs_diff": parity["pixels_mean_abs_diff"],
+            "export.greedy_sequence_agreement": parity["greedy_sequence_agreement"],
+        }
+        if int8 is not None:
+            metrics["export.int8_fidelity_drop"] = int8["fidelity_drop"]
+            metrics["export.int8_speedup"] = int8["speedup"]
+        run.log(metrics=metrics, tags={"export.version": version, "export.precision": precision})
+    log.info("exported %s version %s (%s) into %s", name, version, precision, repository_dir)
+    return report
