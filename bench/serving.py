@@ -111,7 +111,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         onnx_dir, repo = Path(tmp) / "onnx", Path(tmp) / "repository"
         parity = export_onnx(args.model, onnx_dir, config.export)
-        runtime = OnnxTextToImage.load(onnx_dir)
+        runtime = OnnxTextToImage.load(onnx_dir, threads=config.serve.threads)
         add_version(repo, onnx_dir, 1, config.serve)
         set_served_version(repo, config.serve, 1)
         result = {
@@ -142,6 +142,8 @@ def main() -> None:
         "parameters": model.parti.num_parameters(),
         "guidance_scale": 3.0,
         "max_batch_size": config.serve.max_batch_size,
+        "server_instances": config.serve.instances,
+        "ort_threads_per_instance": config.serve.threads,
         "parity_greedy_agreement": parity["greedy_sequence_agreement"],
         "cpu_threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),

@@ -71,13 +71,15 @@ def parti_config(serve: ServeConfig, meta: dict[str, Any], version: int) -> pb.M
                 max_queue_size=serve.max_queue_size, timeout_action=pb.ModelQueuePolicy.REJECT
             ),
         ),
-        instance_group=[pb.ModelInstanceGroup(kind=pb.ModelInstanceGroup.KIND_CPU, count=1)],
+        instance_group=[
+            pb.ModelInstanceGroup(kind=pb.ModelInstanceGroup.KIND_CPU, count=serve.instances)
+        ],
     )
-    config.instance_group[0].count = serve.instances
     for key, value in {
         "providers": serve.providers,
         "threads": str(serve.threads),
         "max_prompt_bytes": str(serve.max_prompt_bytes),
+        "cancel_check_ms": str(serve.cancel_check_ms),
     }.items():
         config.parameters[key].string_value = value
     return config

@@ -441,10 +441,17 @@ class ServeConfig:
     max_batch_size: int = 8
     queue_delay_us: int = 5000
     max_queue_size: int = 32
-    instances: int = 1  # model instances (each its own ONNX Runtime sessions)
-    threads: int = 0  # ONNX Runtime intra-op threads per instance; 0: one per core
+    # Model instances, each a process with its own ONNX Runtime sessions, and intra-op
+    # threads per instance (0: one per core). On 2 CPU cores two single-threaded instances
+    # serve more than one with two threads: one prompt's decode step is too small to split
+    # (bench/serving.py). On a GPU: one instance per GPU.
+    instances: int = 2
+    threads: int = 1
     precision: str = "auto"  # fp32 | int8 | auto: int8 where its fidelity drop is in bounds
     max_prompt_bytes: int = 4096  # longer prompts are refused (the tokenizer would cut them)
+    # Cancelled requests stop decoding within this long: the server is asked at most this
+    # often (each ask is a round trip; asking every step cost 35 % of 1-client throughput).
+    cancel_check_ms: int = 20
     # ONNX Runtime execution providers of the orchestrator, in order of preference; on a
     # GPU server "TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider".
     providers: str = "CPUExecutionProvider"
@@ -457,7 +464,13 @@ class ServeConfig:
     def __post_init__(self) -> None:
         p = "serve."
         _check(bool(self.model_name.strip()), f"{p}model_name must not be empty")
-        for name in ("max_batch_size", "max_queue_size", "instances", "max_prompt_bytes"):
+        for name in (
+            "max_batch_size",
+            "max_queue_size",
+            "instances",
+            "max_prompt_bytes",
+            "cancel_check_ms",
+        ):
             _check(getattr(self, name) >= 1, f"{p}{name} must be >= 1")
         _check(self.queue_delay_us >= 0 and self.threads >= 0, f"{p}queue_delay_us, threads >= 0")
         _check(self.precision in ("fp32", "int8", "auto"), f"{p}precision: fp32|int8|auto")
