@@ -41,6 +41,7 @@ def ingest_op(
     config_json: str,
     parent_run_id: str,
     source: str,
+    data_digest: str,
     raw: Output[Dataset],
     canonical: Output[Dataset],
 ) -> str:
@@ -48,6 +49,8 @@ def ingest_op(
 
     `source` is a path the step can read (a mounted volume, or the /gcs, /s3 and /minio
     mounts of Kubeflow Pipelines) holding an image folder, Parquet or WebDataset shards.
+    `data_digest`, when given, is the source's DVC md5: it keys the step's cache, and
+    data that no longer has it fails the step.
     Empty: the deterministic synthetic set is drawn into `raw` first and ingested.
     (kfp.local cannot select between artifacts of two branches, dsl.OneOf, so the
     choice is made here rather than with dsl.If in the pipeline.)
@@ -63,6 +66,11 @@ def ingest_op(
         manifest = ingest_step(config_json, parent_run_id, source, canonical.path)
     except IngestError as err:
         raise SystemExit(f"ingest failed: {err}") from None  # one clear line, no traceback
+    if data_digest and data_digest != manifest["data_digest"]:
+        raise SystemExit(
+            f"ingest failed: {source} has DVC digest {manifest['data_digest']}, but the run "
+            f"was started for {data_digest}; the data changed since: start the run again"
+        )
     canonical.metadata.update(rows=manifest["rows"], data_digest=manifest["data_digest"])
     return manifest["data_digest"]
 

@@ -528,6 +528,69 @@ def run(
     )
 
 
+@app.command("retrain")
+@_clear_errors
+def retrain(
+    source: Annotated[
+        Path | None, typer.Option(help="Data set to ingest; default: the synthetic set.")
+    ] = None,
+    preset: Preset = "tiny",
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+) -> None:
+    """Run the pipeline only if the data's DVC digest differs from the champion's.
+
+    Unchanged data: says so and exits 0 in seconds. Suitable for cron or a Kubernetes
+    CronJob (deploy/k8s); the promotion gate decides whether a retrained model serves.
+    """
+    from parti_ops.pipelines.schedule import retrain as run_retrain
+
+    cfg = _load(preset, config, overrides)
+    try:
+        report = run_retrain(cfg, source)
+    except RuntimeError as err:
+        console.print(f"[red]pipeline failed:[/red] {err} (the failing step's log is above)")
+        raise typer.Exit(1) from None
+    if not report["retrained"]:
+        print(f"data unchanged ({report['data_digest']}): the champion was trained on it")
+        return
+    _print_paths(
+        f"retrained on {report['data_digest']} (champion's: {report['champion_data_digest']})",
+        {"promotion decision": report["run"].decision, "run": report["run"].run_dir},
+    )
+
+
+@pipeline_app.command("schedule")
+@_clear_errors
+def pipeline_schedule(
+    host: Annotated[
+        str, typer.Option(help="Kubeflow Pipelines API, e.g. http://ml-pipeline:8888.")
+    ],
+    cron: Annotated[str, typer.Option(help="Cron line, 5 or 6 fields (UTC), e.g. '0 3 * * *'.")],
+    source: Annotated[str, typer.Option(help="Data the runs ingest (path or mount).")],
+    data_digest: Annotated[
+        str, typer.Option(help="Its DVC md5 (from data.dvc); keys the cache.")
+    ] = "",
+    namespace: Annotated[str, typer.Option(help="Kubeflow namespace.")] = "kubeflow",
+    job_name: Annotated[str, typer.Option(help="Name of the recurring run.")] = "parti-ops-retrain",
+    preset: Preset = "tiny",
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+) -> None:
+    """Create a recurring run of the pipeline on a Kubeflow cluster (kfp.Client).
+
+    One run at a time, no catch-up; unchanged steps come from Kubeflow's cache.
+    """
+    from parti_ops.pipelines.schedule import schedule
+
+    cfg = _load(preset, config, overrides)
+    run_id = schedule(
+        cfg, host=host, cron=cron, source=source, data_digest=data_digest,
+        namespace=namespace, job_name=job_name,
+    )  # fmt: skip
+    _print_paths("recurring run created", {"id": run_id, "cron": cron, "host": host})
+
+
 @pipeline_app.command("compile")
 @_clear_errors
 def pipeline_compile(

@@ -38,8 +38,8 @@ from parti_ops.components.ops import (
     train_op,
     validate_op,
 )
-from parti_ops.components.versioning import git_sha
-from parti_ops.model.config import Config, TrainConfig
+from parti_ops.components.versioning import dvc_md5, git_sha
+from parti_ops.model.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ def build_pipeline(config: Config) -> Callable[..., None]:
     def parti_pipeline(
         config_json: str = config.to_json(),
         source: str = "",
+        data_digest: str = "",
         code_version: str = "unknown",
         run_name: str = PIPELINE_NAME,
     ) -> None:
@@ -66,17 +67,47 @@ def build_pipeline(config: Config) -> Callable[..., None]:
         Args:
             config_json: the resolved `Config` as JSON (`parti config show --json`).
             source: a data set path or object-store URI; empty draws the synthetic set.
+            data_digest: the source's DVC md5 (`data.dvc`); part of every step's cache key,
+                so changed data re-runs the pipeline even at the same path. The ingest
+                step checks it against the data it reads.
             code_version: the git SHA (or image digest) recorded on the MLflow runs.
             run_name: the MLflow parent run's name.
         """
-        _steps(config_json, source, code_version, run_name, config.train)
+        _steps(config_json, source, data_digest, code_version, run_name, config)
 
     return parti_pipeline
 
 
+# CPU and memory limits per step on a cluster; kfp.local runs steps as plain processes.
+RESOURCES = {
+    "small": ("2", "4G"),  # bookkeeping: tracking, registry
+    "data": ("4", "16G"),  # ingest, validate, tokenizers, encode, evaluate, export
+    "train": ("8", "32G"),
+}
+
+
+def _limit(task, size: str):
+    cpu, memory = RESOURCES[size]
+    return task.set_cpu_limit(cpu).set_memory_limit(memory)
+
+
+def _retry(task):
+    """Steps that touch object storage, the tracking server or preemptible nodes retry
+    with back-off; a retried training step resumes from its last checkpoint."""
+    return task.set_retry(
+        num_retries=3, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="1800s"
+    )
+
+
 def _steps(
-    config_json: str, source: str, code_version: str, run_name: str, train: TrainConfig
+    config_json: str,
+    source: str,
+    data_digest: str,
+    code_version: str,
+    run_name: str,
+    config: Config,
 ) -> None:
+    train = config.train
     # The exit task may not take inputs from other tasks, so it finds the parent run
     # through the kfp run id that both tasks are given.
     end = end_run_op(config_json=config_json, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
@@ -90,7 +121,12 @@ def _steps(
         )
         start.set_caching_options(False)  # a fresh parent run every time
         parent = start.output
-        ingest = ingest_op(config_json=config_json, parent_run_id=parent, source=source)
+        ingest = ingest_op(
+            config_json=config_json,
+            parent_run_id=parent,
+            source=source,
+            data_digest=data_digest,
+        )
         validate = validate_op(
             config_json=config_json, parent_run_id=parent, canonical=ingest.outputs["canonical"]
         )
@@ -155,6 +191,17 @@ def _steps(
             repository=export.outputs["repository"],
         )
         smoke.set_caching_options(False)
+        if train.accelerator:  # TensorRT-ready export and parity on the GPU kind it serves on
+            export.set_accelerator_type(train.accelerator).set_accelerator_limit(1)
+        for task, size in (
+            (start, "small"), (ingest, "data"), (validate, "data"), (text, "data"),
+            (image, "data"), (encode, "data"), (trainer, "train"), (scorer, "data"),
+            (references, "data"), (evaluate, "data"), (register, "small"), (export, "data"),
+            (smoke, "data"),
+        ):  # fmt: skip
+            _limit(task, size)
+        for task in (ingest, trainer, register, export, smoke):
+            _retry(task)
 
 
 def compile_pipeline(path: str | Path = COMPILED, config: Config | None = None) -> Path:
@@ -208,9 +255,13 @@ def run_local(config: Config, source: str | Path | None = None) -> LocalRun:
         # kfp.local warns that the component image is not a "python" image; locally the
         # steps run in this environment, where parti-ops is installed.
         warnings.filterwarnings("ignore", message="You may be attemping to run a task")
+        # CPU/memory limits, retries and accelerators are for the cluster; locally each
+        # step is a process on this machine.
+        warnings.filterwarnings("ignore", message=r"Task '.*': settings \[.*\] have no effect")
         build_pipeline(config)(
             config_json=config.to_json(),
             source=str(Path(source).resolve()) if source else "",
+            data_digest=dvc_md5(source) if source else "",
             code_version=git_sha(Path(__file__).parent),
             run_name=run_name,
         )
