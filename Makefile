@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PRESET ?= tiny
+# A trained bundle for bench/serving.py, e.g. the train-op/model folder of `make run`.
+MODEL ?= $(lastword $(sort $(wildcard outputs/kfp/*/train-op/model)))
 BIN := $(VENV)/bin
 # Where torch comes from. Empty: pip's configured sources (a local CPU wheel here).
 # Elsewhere, to avoid the CUDA build: TORCH_INDEX=https://download.pytorch.org/whl/cpu
@@ -53,6 +55,8 @@ bench: install
 	$(BIN)/python bench/sampling.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/tracking.py
+	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/serving.py --model $(MODEL)
 
 compile: install  ## refresh the committed pipeline YAML
 	$(BIN)/parti pipeline compile --out pipelines/parti_pipeline.yaml
