@@ -1,14 +1,14 @@
 """Orchestration benchmark: the pipeline through kfp.local vs its step functions in one process.
 
-    python bench/pipeline.py [--preset tiny] [--full]
+    python bench/pipeline.py [--preset quick]
 
 Prints one JSON object from one run. Both ways run the same steps on the same config,
 each into its own work folder (own MLflow store and registry): (a) `run_local`, kfp.local's
 SubprocessRunner, every step a fresh Python process with artifacts passed through kfp;
 (b) the same `*_step` functions called in order in this process. The difference divided
-by the number of steps is the orchestration overhead per step (goal: <= 3 s). By default
-the steps do a few iterations each (the pipeline test's sizes), so that orchestration is
-what is measured; `--full` runs the preset as it is.
+by the number of steps is the orchestration overhead per step (goal: <= 3 s). The default
+preset, `quick`, does a few iterations per step, so that orchestration is what is
+measured; `--preset tiny` runs the real thing.
 """
 
 import argparse
@@ -21,28 +21,6 @@ from pathlib import Path
 
 from parti_ops.model.config import Config
 
-# As the pipeline test: every step does real work on a small set, in seconds.
-QUICK = {
-    "data.num_images": 200,
-    "image_tokenizer.steps": 4,
-    "image_tokenizer.batch_size": 8,
-    "image_tokenizer.channels": 8,
-    "parti.d_model": 32,
-    "parti.decoder_layers": 1,
-    "train.steps": 3,
-    "train.batch_size": 8,
-    "train.warmup_steps": 1,
-    "scorer.steps": 3,
-    "scorer.channels": 4,
-    "scorer.embed_dim": 16,
-    "scorer.text_width": 32,
-    "scorer.text_layers": 1,
-    "evaluate.prompts": 4,
-    "evaluate.fid_images": 16,
-    "registry.max_bits_per_token": 11.0,
-    "export.parity_prompts": 2,
-    "export.int8": False,
-}
 # The pipeline's tasks, exit handler included.
 STEPS = ("start-run", "ingest", "validate", "text-tokenizer", "image-tokenizer", "encode",
          "train", "scorer", "fid-reference", "evaluate", "register", "export", "smoke-test",
@@ -102,18 +80,16 @@ def direct(config: Config, root: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--full", action="store_true", help="the preset's own sizes")
+    parser.add_argument("--preset", default="quick", help="quick: a few iterations per step")
     args = parser.parse_args()
 
     from parti_ops.pipelines.parti import run_local
 
-    overrides = {} if args.full else QUICK
     with tempfile.TemporaryDirectory() as tmp:
         timings = {}
         for way in ("direct", "kfp_local"):
             work = Path(tmp) / way
-            config = Config.load(args.preset, overrides={**overrides, "work_dir": str(work)})
+            config = Config.load(args.preset, overrides={"work_dir": str(work)})
             started = time.perf_counter()
             if way == "direct":
                 direct(config, work / "steps")
@@ -130,7 +106,6 @@ def main() -> None:
                 "overhead_per_step_s": overhead / len(STEPS),
                 "goal_overhead_per_step_s": 3.0,
                 "preset": args.preset,
-                "sizes": "preset" if args.full else "quick (pipeline test sizes)",
                 "machine": platform.processor() or platform.machine(),
             },
             indent=2,

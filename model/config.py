@@ -725,3 +725,31 @@ for _preset in (
     _paper_preset("parti-20b", 4096, 16, 64, 64),
 ):
     PRESETS[_preset.name] = _preset
+
+# The tiny preset with a few iterations per step: the whole pipeline, data to smoke test,
+# in about two minutes on 2 CPU cores. For checking the plumbing (the pipeline tests,
+# bench/pipeline.py), not the model.
+PRESETS["quick"] = PRESETS["tiny"].merge(
+    {
+        "data.num_images": 200,
+        "image_tokenizer.steps": 4,
+        "image_tokenizer.batch_size": 8,
+        "image_tokenizer.channels": 8,
+        "parti.d_model": 32,
+        "parti.decoder_layers": 1,
+        "train.steps": 3,
+        "train.batch_size": 8,
+        "train.warmup_steps": 1,
+        "scorer.steps": 3,
+        "scorer.channels": 4,
+        "scorer.embed_dim": 16,
+        "scorer.text_width": 32,
+        "scorer.text_layers": 1,
+        "evaluate.prompts": 4,
+        "evaluate.fid_images": 16,
+        "registry.max_bits_per_token": 11.0,  # three training steps: barely below log2(1024)
+        "export.parity_prompts": 4,
+        "export.int8": False,
+    }
+)
+PRESETS["quick"] = dataclasses.replace(PRESETS["quick"], name="quick")

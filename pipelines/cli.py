@@ -383,8 +383,6 @@ def generate(
     """Sample images for prompts from a trained bundle, in this process (no server)."""
     import dataclasses
 
-    from PIL import Image
-
     from parti_ops.components.evaluate import FeatureModel
     from parti_ops.model.generate import TextToImage
 
@@ -403,14 +401,7 @@ def generate(
     rerank = FeatureModel.load(scorer).reranker() if scorer else None
     bundle = TextToImage.load(model)
     images = bundle(prompt, settings, rerank=rerank)
-    paths = (
-        [out]
-        if len(prompt) == 1
-        else [out.with_stem(f"{out.stem}-{i}") for i in range(len(prompt))]
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for image, path in zip(images, paths, strict=True):
-        Image.fromarray(image.numpy()).save(path)
+    paths = _save_images(images.numpy(), out)
     _print_paths(f"{len(paths)} image(s)", {p.name: p.resolve() for p in paths})
 
 
@@ -869,7 +860,6 @@ def client_generate(
     model: Annotated[str, typer.Option(help="Model name on the server.")] = "parti",
 ) -> None:
     """Generate images through a Triton endpoint (tritonclient, HTTP or gRPC)."""
-    from PIL import Image
 
     from parti_ops.deploy.client import ClientError, generate
 
@@ -887,15 +877,20 @@ def client_generate(
     except ClientError as err:
         console.print(f"[red]server refused:[/red] {err}", highlight=False)
         raise typer.Exit(1) from None
-    paths = (
-        [out]
-        if len(prompt) == 1
-        else [out.with_stem(f"{out.stem}-{i}") for i in range(len(prompt))]
-    )
+    paths = _save_images(images, out)
+    _print_paths(f"{len(paths)} image(s) from {url}", {p.name: p.resolve() for p in paths})
+
+
+def _save_images(images, out: Path) -> list[Path]:
+    """uint8 (N, H, W, 3) as PNGs: `out` for one image, `<stem>-<i>` for several."""
+    from PIL import Image
+
+    count = len(images)
+    paths = [out] if count == 1 else [out.with_stem(f"{out.stem}-{i}") for i in range(count)]
     out.parent.mkdir(parents=True, exist_ok=True)
     for image, path in zip(images, paths, strict=True):
         Image.fromarray(image).save(path)
-    _print_paths(f"{len(paths)} image(s) from {url}", {p.name: p.resolve() for p in paths})
+    return paths
 
 
 def _print_paths(title: str, paths: dict[str, Any]) -> None:

@@ -23,32 +23,8 @@ def _runs(config: Config) -> dict[str, object]:
     return {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
 
 
-# The tiny preset, with a few image tokenizer steps so the whole run takes seconds.
-QUICK = {
-    "data.num_images": 200,
-    "image_tokenizer.steps": 4,
-    "image_tokenizer.batch_size": 8,
-    "image_tokenizer.channels": 8,
-    "parti.d_model": 32,
-    "parti.decoder_layers": 1,
-    "train.steps": 3,
-    "train.batch_size": 8,
-    "train.warmup_steps": 1,
-    "scorer.steps": 3,
-    "scorer.channels": 4,
-    "scorer.embed_dim": 16,
-    "scorer.text_width": 32,
-    "scorer.text_layers": 1,
-    "evaluate.prompts": 4,
-    "evaluate.fid_images": 16,
-    "registry.max_bits_per_token": 11.0,  # three training steps: barely below log2(1024)
-    "export.parity_prompts": 4,
-    "export.int8": False,
-}
-
-
 def test_local_run_writes_artifacts_and_nested_mlflow_runs(tmp_path):
-    config = Config.load("tiny", overrides={"work_dir": str(tmp_path), **QUICK})
+    config = Config.load("quick", overrides={"work_dir": str(tmp_path)})
     result = run_local(config)
 
     manifest = json.loads((result.canonical / "manifest.json").read_text())
