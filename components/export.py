@@ -61,11 +61,18 @@ def export_step(config_json: str, parent_run_id: str, repository_dir: str) -> di
                 quantize_int8(onnx_dir)
                 int8 = compare_int8(onnx_dir, config.export)
             precision = choose_precision(config.serve.precision, int8)
+            tensorrt = None
+            if config.serve.target == "gpu":  # engines and their parity, on this GPU
+                from parti_ops.deploy.tensorrt import build_engines
+
+                trt_dir = Path(tmp) / "tensorrt"
+                tensorrt = build_engines(onnx_dir, bundle, trt_dir, config.export)
             report = {
                 "registry_version": version,
                 "precision": precision,
                 "parity": parity,
                 "int8": int8,
+                "tensorrt": tensorrt,
                 "sample": dataclasses.asdict(config.sample),
             }
             add_version(

@@ -112,14 +112,19 @@ def export_onnx(bundle: str | Path, out: str | Path, config: ExportConfig) -> di
     """Write the three graphs, the tokenizer and `meta.json` to `out`, then check parity.
 
     Returns the parity report (also written as `out/parity.json`); ExportError when a
-    check fails, naming the check, the measured value and the bound.
+    check fails, naming the check, the measured value and the bound, and `out` is left
+    as it was. An existing `out` is replaced only if it is an earlier export.
     """
     import onnx
 
-    bundle, out = Path(bundle), Path(out)
+    bundle, final = Path(bundle), Path(out)
+    if final.exists() and any(final.iterdir()) and not (final / META).is_file():
+        raise ExportError(f"{final}: not empty and not an export; give a new or export folder")
     model = TextToImage.load(bundle)
-    if out.exists():
-        shutil.rmtree(out)
+    # Written beside the target and moved into place only once parity holds, so a
+    # folder with meta.json is always one that passed.
+    out = final.with_name(f".{final.name}.partial")
+    shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     parti, vqgan = model.parti, model.vqgan
     ids, mask, null = model.encode_prompts(["a red circle", "two blue squares", ""])
@@ -184,8 +189,14 @@ def export_onnx(bundle: str | Path, out: str | Path, config: ExportConfig) -> di
         },
     }
     (out / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    report = check_parity(model, out, config)
+    try:
+        report = check_parity(model, out, config)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
     (out / "parity.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    out.rename(final)
     return report
 
 
@@ -231,7 +242,7 @@ def check_parity(
     scale = config.parity_guidance
     torch_codes = generate_codes(
         model.parti, ids, mask, seeds, guidance_scale=scale, temperature=0.0, null=null
-    )
+    ).cpu()
     ort_ids, ort_mask, ort_null = runtime.encode_prompts(prompts)
     if not np.array_equal(ort_ids, ids.cpu().numpy()) or not np.array_equal(
         ort_mask, mask.cpu().numpy()

@@ -97,7 +97,7 @@ class OnnxTextToImage:
     Args:
         folder: holds the three `.onnx` files, `text_tokenizer/` and `meta.json`.
         providers: ONNX Runtime execution providers, in order of preference.
-        threads: intra-op threads per session; 0 lets ONNX Runtime choose.
+        threads: intra-op threads per graph; 0 lets ONNX Runtime choose.
     """
 
     def __init__(self, folder: Path, providers: Sequence[str], threads: int):
@@ -109,7 +109,7 @@ class OnnxTextToImage:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        # The three sessions take turns; idle pool threads spinning for work would steal
+        # The three graphs run in turn; idle pool threads spinning for work would steal
         # the cores from the one that runs (measured: 2 threads spinning ran slower than 1).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.sessions = {

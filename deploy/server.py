@@ -177,7 +177,11 @@ class TritonServer:
             start_new_session=True,  # Ctrl-C in the terminal reaches us; we stop the server
         )
         log.close()
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:  # Ctrl-C or a failed start: no server is left behind
+            self.stop()
+            raise
         return self
 
     def _wait_ready(self) -> None:
@@ -213,8 +217,8 @@ class TritonServer:
         self.process.send_signal(signal.SIGTERM)
         try:
             code = self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        except subprocess.TimeoutExpired:  # the server and its model stubs, all of them
+            os.killpg(self.process.pid, signal.SIGKILL)
             code = self.process.wait()
         self._tmp.cleanup()
         return code

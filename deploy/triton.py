@@ -180,8 +180,14 @@ def add_version(
     shutil.copy2(HERE / "runtime.py", staging / "parti_runtime.py")
     body = {"version": version, "precision": precision, "target": target, **(report or {})}
     (staging / "export.json").write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
+    if folder.exists():  # moved aside first: a crash never leaves the version missing
+        retired = folder.with_name(f".{version}.retired")
+        shutil.rmtree(retired, ignore_errors=True)
+        folder.rename(retired)
+        staging.rename(folder)
+        shutil.rmtree(retired)
+    else:
+        staging.rename(folder)
     if target == "gpu":
         for name in GRAPHS:
             graph_dir = repository / name
@@ -220,12 +226,19 @@ def versions(repository: str | Path, serve: ServeConfig) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-def update_served_version(url: str, repository: str | Path, serve: ServeConfig, version: int):
+def update_served_version(
+    url: str,
+    repository: str | Path,
+    serve: ServeConfig,
+    version: int,
+    headers: dict[str, str] | None = None,
+):
     """Serve `version` on a running server (explicit model control); keep the old on failure.
 
     Returns (served version, error or None). Triton reloads the model with the new
     config; when that load fails it keeps serving the loaded version, and the repository's
-    config is put back.
+    config is put back. `headers` carry the admin key where the server restricts the
+    model-repository API (`--http-restricted-api`), as deploy/k8s does.
     """
     import tritonclient.http as http
     from tritonclient.utils import InferenceServerException
@@ -234,10 +247,19 @@ def update_served_version(url: str, repository: str | Path, serve: ServeConfig, 
     set_served_version(repository, serve, version)
     client = http.InferenceServerClient(url.removeprefix("http://"))
     try:
-        client.load_model(serve.model_name)
+        client.load_model(serve.model_name, headers=headers)
     except InferenceServerException as err:
-        if old is None:
-            return None, f"version {version} did not load ({err.message()})"
-        set_served_version(repository, serve, old)
-        return old, f"version {version} did not load ({err.message()}); still serving {old}"
+        if old is not None:
+            set_served_version(repository, serve, old)
+        hint = (
+            " (the server restricts model control: pass its admin key)"
+            if ("restricted" in (err.message() or "").lower() or err.status() == "403")
+            else ""
+        )
+        still = f"; still serving {old}" if old is not None else ""
+        return old, f"version {version} did not load ({err.message()}){hint}{still}"
+    except BaseException:  # unreachable server, Ctrl-C: the repository stays as it was
+        if old is not None:
+            set_served_version(repository, serve, old)
+        raise
     return version, None

@@ -441,7 +441,7 @@ class ServeConfig:
     max_batch_size: int = 8
     queue_delay_us: int = 5000
     max_queue_size: int = 32
-    # Model instances, each a process with its own ONNX Runtime sessions, and intra-op
+    # Model instances, each a process with its own ONNX Runtime graphs, and intra-op
     # threads per instance (0: one per core). On 2 CPU cores two single-threaded instances
     # serve more than one with two threads: one prompt's decode step is too small to split
     # (bench/serving.py). On a GPU: one instance per GPU.

@@ -46,7 +46,8 @@ def sample_logits(
     if top_p < 1.0:
         # Keep the smallest set of most likely tokens whose mass reaches top_p (Holtzman
         # et al. 2020); the most likely token always stays.
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Stable, so ties at the cut-off keep the lower code, as deploy/runtime.py does.
+        sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
         before = sorted_probs.cumsum(dim=-1) - sorted_probs
         sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)

@@ -560,7 +560,7 @@ def pipeline_schedule(
     cron: Annotated[str, typer.Option(help="Cron line, 5 or 6 fields (UTC), e.g. '0 3 * * *'.")],
     source: Annotated[str, typer.Option(help="Data the runs ingest (path or mount).")],
     data_digest: Annotated[
-        str, typer.Option(help="Its DVC md5 (from data.dvc); keys the cache.")
+        str, typer.Option(help="Pin every run to this DVC md5; empty: follow the data.")
     ] = "",
     namespace: Annotated[str, typer.Option(help="Kubeflow namespace.")] = "kubeflow",
     job_name: Annotated[str, typer.Option(help="Name of the recurring run.")] = "parti-ops-retrain",

@@ -191,7 +191,7 @@ def _steps(
             repository=export.outputs["repository"],
         )
         smoke.set_caching_options(False)
-        if train.accelerator:  # TensorRT-ready export and parity on the GPU kind it serves on
+        if config.serve.target == "gpu" and train.accelerator:  # TensorRT engines + parity
             export.set_accelerator_type(train.accelerator).set_accelerator_limit(1)
         for task, size in (
             (start, "small"), (ingest, "data"), (validate, "data"), (text, "data"),
@@ -200,7 +200,8 @@ def _steps(
             (smoke, "data"),
         ):  # fmt: skip
             _limit(task, size)
-        for task in (ingest, trainer, register, export, smoke):
+        # Not register: a retry after a partial success would register a second version.
+        for task in (ingest, trainer, export, smoke):
             _retry(task)
 
 

@@ -1,8 +1,10 @@
 """Retraining on a schedule: a recurring run on Kubeflow, or `parti retrain` from cron.
 
 On a cluster, `schedule` creates a Kubeflow Pipelines recurring run of the compiled
-pipeline; Kubeflow's cache (keyed on the `data_digest` parameter among the inputs) skips
-steps whose inputs did not change. On one machine, `retrain` compares the data's DVC
+pipeline: each run ingests what `source` holds then, and the promotion gate decides
+(pin a `data_digest` only for runs that must fail if the data moved). The `parti-retrain`
+CronJob (deploy/k8s) runs `retrain` instead, which skips unchanged data before any step
+starts. On one machine, `retrain` compares the data's DVC
 digest with the one the registry's champion was trained on, and runs the pipeline only
 when they differ; the promotion gate then decides whether the new model serves.
 """
@@ -86,6 +88,8 @@ def schedule(
     """Create a recurring run of the compiled pipeline on Kubeflow; returns its id.
 
     One run at a time (`max_concurrency=1`), no catch-up of missed runs, caching on.
+    A `data_digest` pins every run to that data version: runs fail at ingest once the data
+    at `source` change, so leave it empty for a schedule that follows the data.
     """
     import kfp
 

@@ -50,7 +50,7 @@ def repository(exported, deploy_config, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(repository, deploy_config):
-    """The real tritonserver on loopback, free ports, stopped at the end of the session."""
+    """The real tritonserver on loopback, free ports, stopped after the last test."""
     from parti_ops.deploy.server import TritonServer
 
     with TritonServer(repository, deploy_config.serve) as running:

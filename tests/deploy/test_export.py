@@ -195,3 +195,12 @@ def test_tensorrt_export_says_it_needs_a_gpu(exported, bundle, tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1
     assert "need an NVIDIA GPU" in result.output
+
+
+def test_export_never_replaces_a_folder_that_is_not_an_export(bundle, deploy_config, tmp_path):
+    from parti_ops.deploy.onnx import export_onnx
+
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="not empty and not an export"):
+        export_onnx(bundle, tmp_path, deploy_config.export)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
