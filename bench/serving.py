@@ -1,6 +1,6 @@
 """Serving benchmark: PyTorch eager vs ONNX Runtime in process vs the Triton endpoint.
 
-    python bench/serving.py --model BUNDLE [--requests 24] [--seconds 30]
+    python bench/serving.py --model BUNDLE [--requests 24] [--seconds 30] [--set serve.x=y]
 
 Prints one JSON object from one run: the same bundle, prompts, seeds and sampling settings
 (guidance 3, temperature 1) everywhere. Rates are images/s, one prompt per request:
@@ -101,9 +101,11 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--requests", type=int, default=24, help="per in-process engine")
     parser.add_argument("--seconds", type=float, default=30, help="per Triton client count")
+    parser.add_argument("--set", action="append", default=[], help="config override, e.g. "
+                        "serve.queue_delay_us=1000")  # fmt: skip
     args = parser.parse_args()
 
-    config = Config.from_name(args.preset)
+    config = Config.load(args.preset, overrides=args.set)
     torch.set_num_threads(torch.get_num_threads())
     prompts = [p for p, _ in parity_prompts(args.requests, seed=2)]
     settings = SampleConfig(guidance_scale=3.0, temperature=1.0)
@@ -142,6 +144,7 @@ def main() -> None:
         "parameters": model.parti.num_parameters(),
         "guidance_scale": 3.0,
         "max_batch_size": config.serve.max_batch_size,
+        "queue_delay_us": config.serve.queue_delay_us,
         "server_instances": config.serve.instances,
         "ort_threads_per_instance": config.serve.threads,
         "parity_greedy_agreement": parity["greedy_sequence_agreement"],

@@ -439,7 +439,7 @@ class ServeConfig:
     # `queue_delay_us` for more; past `max_queue_size` waiting requests Triton rejects new
     # ones at once rather than letting clients hang.
     max_batch_size: int = 8
-    queue_delay_us: int = 5000
+    queue_delay_us: int = 1000  # 5 ms measured 17 % slower than in-process at one client
     max_queue_size: int = 32
     # Model instances, each a process with its own ONNX Runtime graphs, and intra-op
     # threads per instance (0: one per core). On 2 CPU cores two single-threaded instances
