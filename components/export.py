@@ -8,7 +8,6 @@ when `serve.precision` allows it and its fidelity drop is within bounds.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import tempfile
 from pathlib import Path
@@ -73,7 +72,6 @@ def export_step(config_json: str, parent_run_id: str, repository_dir: str) -> di
                 "parity": parity,
                 "int8": int8,
                 "tensorrt": tensorrt,
-                "sample": dataclasses.asdict(config.sample),
             }
             add_version(
                 repository_dir,
@@ -82,6 +80,7 @@ def export_step(config_json: str, parent_run_id: str, repository_dir: str) -> di
                 config.serve,
                 target=config.serve.target,
                 precision=precision,
+                sample=config.sample,
                 report=report,
             )
         set_served_version(repository_dir, config.serve, int(version))

@@ -50,7 +50,8 @@ def smoke_test_step(
         if not np.array_equal(images, again):
             raise RuntimeError("HTTP and gRPC returned different images for the same seed")
         Image.fromarray(images[0]).save(out / SMOKE_PNG)
-        checks = compare(read_scene(images[0]), scene)
+        read = read_scene(images[0])
+        checks = compare(read, scene)
         report = {
             "prompt": prompt,
             "seed": config.sample.seed,
@@ -59,7 +60,7 @@ def smoke_test_step(
             "image_shape": list(images.shape[1:]),
             "tokens": int(tokens.shape[1]),
             "expected": scene.to_dict(),
-            "read": read_scene(images[0]).to_dict(),
+            "read": read.to_dict(),
             "checks": checks,
         }
         (out / SMOKE_JSON).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

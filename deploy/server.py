@@ -198,7 +198,6 @@ class TritonServer:
                 if client.is_server_ready() and client.is_model_ready(self.serve.model_name):
                     return
             time.sleep(0.25)
-        self.stop()
         raise ServerError(
             f"tritonserver not ready in {self.serve.ready_timeout_s} s:\n{self.tail()}"
         )

@@ -19,6 +19,7 @@ ONNX Runtime backend models for the NGC image, where they can be called on their
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -28,7 +29,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from parti_ops.deploy.onnx import GRAPHS, INT8, META
-from parti_ops.model.config import ServeConfig
+from parti_ops.model.config import SampleConfig, ServeConfig
 
 HERE = Path(__file__).parent
 CONFIG = "config.pbtxt"
@@ -129,19 +130,21 @@ def _tensor(kind, value):
 def write_config(config: pb.ModelConfig, folder: Path) -> Path:
     """Write `config.pbtxt` and read it back, so a file that does not parse is never left."""
     text = text_format.MessageToString(config)
-    read_config(text, folder / CONFIG)
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / CONFIG
+    _parse(text, path)
+    folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
     return path
 
 
-def read_config(text_or_path: str | Path, source: Path | None = None) -> pb.ModelConfig:
+def read_config(path: str | Path) -> pb.ModelConfig:
     """Parse a `config.pbtxt` with Triton's own schema; RepositoryError names the file."""
-    path = Path(text_or_path) if source is None else source
-    text = path.read_text(encoding="utf-8") if source is None else str(text_or_path)
+    return _parse(Path(path).read_text(encoding="utf-8"), Path(path))
+
+
+def _parse(text: str, path: Path) -> pb.ModelConfig:
     try:
         return text_format.Parse(text, pb.ModelConfig())
     except text_format.ParseError as err:
@@ -156,11 +159,13 @@ def add_version(
     *,
     target: str = "cpu",
     precision: str = "fp32",
+    sample: SampleConfig | None = None,
     report: dict[str, Any] | None = None,
 ) -> Path:
     """Copy an exported model (`parti export onnx`) in as `version`; return its folder.
 
-    The served version does not change here: `set_served_version` moves it.
+    The served version does not change here: `set_served_version` moves it. `sample`
+    holds the sampling defaults the model applies to settings a request leaves out.
     """
     if target not in TARGETS:
         raise RepositoryError(f"target {target!r}: use one of {', '.join(TARGETS)}")
@@ -178,7 +183,13 @@ def add_version(
     shutil.copytree(source, staging, ignore=shutil.ignore_patterns(INT8, "parity.json"))
     shutil.copy2(HERE / "triton_model.py", staging / "model.py")
     shutil.copy2(HERE / "runtime.py", staging / "parti_runtime.py")
-    body = {"version": version, "precision": precision, "target": target, **(report or {})}
+    body = {
+        "version": version,
+        "precision": precision,
+        "target": target,
+        **(report or {}),
+        "sample": dataclasses.asdict(sample or SampleConfig()),
+    }
     (staging / "export.json").write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
     if folder.exists():  # moved aside first: a crash never leaves the version missing
         retired = folder.with_name(f".{version}.retired")

@@ -33,11 +33,7 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         folder = Path(args["model_repository"]) / args["model_version"]
         export = json.loads((folder / "export.json").read_text(encoding="utf-8"))
-        sample = export.get("sample", {})
-        self.defaults = {
-            name: sample.get(name, d)
-            for name, d in zip(SETTINGS, (0, 3.0, 1.0, 0, 1.0), strict=True)
-        }
+        self.defaults = {name: export["sample"][name] for name in SETTINGS}
         self.max_prompt_bytes = int(params.get("max_prompt_bytes", "4096"))
         self.cancel_check_s = float(params.get("cancel_check_ms", "20")) / 1000
         providers = [p.strip() for p in params.get("providers", "CPUExecutionProvider").split(",")]

@@ -786,7 +786,7 @@ def export_triton(
         if onnx is None:
             onnx = Path(tmp) / "onnx"
             export_onnx(model, onnx, cfg.export)
-        add_version(repository, onnx, version, cfg.serve, target=target, report=_sample(cfg))
+        add_version(repository, onnx, version, cfg.serve, target=target, sample=cfg.sample)
     if url:
         served, error = update_served_version(url, repository, cfg.serve, version)
         if error:
@@ -798,12 +798,6 @@ def export_triton(
         f"{cfg.serve.model_name} version {version} is served",
         {"repository": repository.resolve()},
     )
-
-
-def _sample(cfg: Config) -> dict[str, Any]:
-    import dataclasses
-
-    return {"sample": dataclasses.asdict(cfg.sample)}
 
 
 @app.command("serve")

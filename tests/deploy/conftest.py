@@ -37,13 +37,10 @@ def exported(bundle, deploy_config, tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def repository(exported, deploy_config, tmp_path_factory) -> Path:
     """A model repository serving the export as version 1 of `parti`."""
-    import dataclasses
-
     from parti_ops.deploy.triton import add_version, set_served_version
 
     repo = tmp_path_factory.mktemp("triton") / "repository"
-    sample = {"sample": dataclasses.asdict(deploy_config.sample)}
-    add_version(repo, exported["dir"], 1, deploy_config.serve, report=sample)
+    add_version(repo, exported["dir"], 1, deploy_config.serve, sample=deploy_config.sample)
     set_served_version(repo, deploy_config.serve, 1)
     return repo
 
