@@ -24,13 +24,14 @@ import numpy as np
 import torch
 
 from parti_ops.deploy.client import generate
-from parti_ops.deploy.onnx import export_onnx, parity_prompts
+from parti_ops.deploy.onnx import export_onnx
 from parti_ops.deploy.runtime import OnnxTextToImage
 from parti_ops.deploy.server import TritonServer
 from parti_ops.deploy.triton import add_version, set_served_version
 from parti_ops.model.config import Config, SampleConfig
 from parti_ops.model.generate import TextToImage
 from parti_ops.model.sampling import decode_step, prefill
+from parti_ops.model.scenes import prompt_suite
 
 
 def sequential(call, prompts: list[str]) -> dict:
@@ -107,7 +108,7 @@ def main() -> None:
 
     config = Config.load(args.preset, overrides=args.set)
     torch.set_num_threads(torch.get_num_threads())
-    prompts = [p for p, _ in parity_prompts(args.requests, seed=2)]
+    prompts = [p for p, _ in prompt_suite(args.requests, seed=2)]
     settings = SampleConfig(guidance_scale=3.0, temperature=1.0)
     model = TextToImage.load(args.model)
     with tempfile.TemporaryDirectory() as tmp:

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from parti_ops.components.scorer import scorer_version
-from parti_ops.components.shards import read_manifest, write_json
+from parti_ops.components.shards import HELDOUT_SPLITS, read_manifest, write_json
 from parti_ops.components.tokenizers import iter_split, load_pairs, parse_scene
 from parti_ops.components.versioning import files_digest
 from parti_ops.model.config import Config
@@ -42,7 +42,6 @@ from parti_ops.model.scorer import TEXT_TOKENIZER, load_scorer
 log = logging.getLogger(__name__)
 
 # Unseen captions; test: (colour, shape) pairs never seen in training.
-HELDOUT_SPLITS = ("validation", "test")
 EVALUATION, REPORT, SAMPLES = "evaluation.json", "report.md", "samples.png"
 FID_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 

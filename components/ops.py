@@ -354,7 +354,6 @@ def register_op(
     import tempfile
     from pathlib import Path
 
-    from parti_ops.components.evaluate import evaluate_bundle
     from parti_ops.components.registry import register_step
     from parti_ops.model.config import Config
 
@@ -363,6 +362,8 @@ def register_op(
     work = Path(tempfile.mkdtemp(prefix="register-"))
 
     def reevaluate(bundle: Path) -> dict:
+        from parti_ops.components.evaluate import evaluate_bundle  # only for an older champion
+
         return evaluate_bundle(
             config, bundle, accepted, scorer.path, work / "champion", references.path
         )

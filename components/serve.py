@@ -32,14 +32,13 @@ def smoke_test_step(
 
     from parti_ops.components.tracking import step_run
     from parti_ops.deploy.client import generate
-    from parti_ops.deploy.onnx import parity_prompts
     from parti_ops.deploy.server import TritonServer
-    from parti_ops.model.scenes import compare, read_scene
+    from parti_ops.model.scenes import compare, prompt_suite, read_scene
 
     config = Config.from_json(config_json)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    [(prompt, scene)] = parity_prompts(1, seed=config.sample.seed + 3)
+    [(prompt, scene)] = prompt_suite(1, seed=config.sample.seed + 3)
     with step_run(config, "smoke-test", parent_run_id) as run:
         with TritonServer(repository_dir, config.serve) as server:
             started = time.perf_counter()

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 MANIFEST = "manifest.json"
+HELDOUT_SPLITS = ("validation", "test")  # the splits never trained on
 
 
 class ShardFormatError(ValueError):

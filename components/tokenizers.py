@@ -14,17 +14,19 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 from PIL import Image
 
 from parti_ops.components.shards import iter_shards, read_manifest, write_json
 from parti_ops.components.versioning import files_digest
 from parti_ops.model.scenes import Scene
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +66,7 @@ def load_images(data_dir: str | Path, split: str) -> tuple[torch.Tensor, list[Sc
     for table in iter_split(data_dir, split, ["image", "metadata"]):
         images += [decode_png(b) for b in table["image"].to_pylist()]
         scenes += [parse_scene(m) for m in table["metadata"].to_pylist()]
-    if not images:
-        return torch.empty(0, 0, 0, 3, dtype=torch.uint8), []
-    return torch.from_numpy(np.stack(images)), scenes
+    return _as_tensor(images), scenes
 
 
 def load_pairs(data_dir: str | Path, split: str) -> tuple[torch.Tensor, list[str]]:
@@ -79,9 +79,16 @@ def load_pairs(data_dir: str | Path, split: str) -> tuple[torch.Tensor, list[str
             if caption:
                 images.append(decode_png(image))
                 captions.append(caption)
+    return _as_tensor(images), captions
+
+
+def _as_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 (N, H, W, 3). torch is imported here, so the caption step never loads it."""
+    import torch
+
     if not images:
-        return torch.empty(0, 0, 0, 3, dtype=torch.uint8), []
-    return torch.from_numpy(np.stack(images)), captions
+        return torch.empty(0, 0, 0, 3, dtype=torch.uint8)
+    return torch.from_numpy(np.stack(images))
 
 
 def parse_scene(metadata: str | None) -> Scene | None:

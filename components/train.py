@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from parti_ops.components.encode import EncodedFormatError, load_encoded, read_encoded_manifest
-from parti_ops.components.evaluate import HELDOUT_SPLITS
-from parti_ops.components.shards import write_json
+from parti_ops.components.shards import HELDOUT_SPLITS, write_json
 from parti_ops.components.tokenizers import IMAGE_FILES, TEXT_FILES
 from parti_ops.components.versioning import files_digest
 

@@ -32,7 +32,7 @@ from parti_ops.model.config import ExportConfig
 from parti_ops.model.generate import IMAGE_TOKENIZER, PARTI, TEXT_TOKENIZER, TextToImage
 from parti_ops.model.parti import KVCache, Parti
 from parti_ops.model.sampling import generate_codes
-from parti_ops.model.scenes import compare, describe, read_scene, sample_scene
+from parti_ops.model.scenes import compare, prompt_suite, read_scene
 from parti_ops.model.vqgan import VQGAN, to_uint8
 
 log = logging.getLogger(__name__)
@@ -212,16 +212,6 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def parity_prompts(count: int, seed: int = 0) -> list[tuple[str, Any]]:
-    """`count` (caption, scene) pairs of the synthetic world, fixed by `seed`."""
-    rng = np.random.default_rng(seed)
-    pairs = []
-    for i in range(count):
-        scene = sample_scene(rng, heldout=i % 2 == 1)
-        pairs.append((describe(scene, rng), scene))
-    return pairs
-
-
 def check_parity(
     model: TextToImage, folder: Path, config: ExportConfig, runtime: Any = None
 ) -> dict[str, Any]:
@@ -235,7 +225,7 @@ def check_parity(
     """
     from parti_ops.deploy.runtime import OnnxTextToImage
 
-    prompts = [p for p, _ in parity_prompts(config.parity_prompts)]
+    prompts = [p for p, _ in prompt_suite(config.parity_prompts)]
     runtime = runtime or OnnxTextToImage.load(folder)
     ids, mask, null = model.encode_prompts(prompts)
     seeds = list(range(len(prompts)))
@@ -321,7 +311,7 @@ def compare_int8(folder: str | Path, config: ExportConfig) -> dict[str, Any]:
     from parti_ops.deploy.runtime import OnnxTextToImage
 
     folder = Path(folder)
-    pairs = parity_prompts(config.int8_prompts, seed=1)
+    pairs = prompt_suite(config.int8_prompts, seed=1)
     prompts = [p for p, _ in pairs]
     seeds = list(range(len(prompts)))
     result: dict[str, Any] = {"prompts": len(prompts)}

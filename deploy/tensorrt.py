@@ -57,9 +57,10 @@ def build_engines(
     check_available()
     import torch
 
-    from parti_ops.deploy.onnx import check_parity, parity_prompts
+    from parti_ops.deploy.onnx import check_parity
     from parti_ops.deploy.runtime import OnnxTextToImage
     from parti_ops.model.generate import TextToImage
+    from parti_ops.model.scenes import prompt_suite
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -68,7 +69,7 @@ def build_engines(
     runtime = OnnxTextToImage.load(onnx_dir, providers=providers(out))
     report: dict[str, Any] = {"engine_build_s": time.perf_counter() - start}
     report["parity"] = check_parity(model, Path(onnx_dir), config, runtime=runtime)
-    prompts = [p for p, _ in parity_prompts(config.parity_prompts)]
+    prompts = [p for p, _ in prompt_suite(config.parity_prompts)]
     seeds = list(range(len(prompts)))
     timings = {}
     for name, run in (

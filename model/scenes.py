@@ -255,6 +255,17 @@ def describe(scene: Scene, rng: np.random.Generator) -> str:
     )
 
 
+def prompt_suite(count: int, seed: int = 0) -> list[tuple[str, Scene]]:
+    """`count` (caption, scene) pairs of the synthetic world, fixed by `seed`; every second
+    scene has a held-out colour-shape pair."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for i in range(count):
+        scene = sample_scene(rng, heldout=i % 2 == 1)
+        pairs.append((describe(scene, rng), scene))
+    return pairs
+
+
 def read_scene(image: Image.Image | np.ndarray) -> Scene:
     """The attribute oracle: read a (possibly blurry or noisy) picture back into a scene.
 

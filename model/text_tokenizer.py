@@ -34,7 +34,7 @@ from tokenizers import (
     processors,
     trainers,
 )
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from parti_ops.model.config import TextTokenizerConfig
 
@@ -115,6 +115,8 @@ def load_text_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
         raise FileNotFoundError(
             f"{folder}: no tokenizer.json; point at the output of `parti tokenizer text train`"
         )
+    from transformers import AutoTokenizer  # loads torch: imported only where needed
+
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
