@@ -15,13 +15,13 @@ from parti_ops.components import COMPONENT_IMAGE
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
 def start_run_op(config_json: str, run_name: str, code_version: str, pipeline_run_id: str) -> str:
     """Open the MLflow parent run of this pipeline run; returns its id."""
-    from parti_ops.components.tracking import start_pipeline_run
+    from parti_ops.components.tracking import current_pipeline_run, start_pipeline_run
     from parti_ops.model.config import Config
 
     return start_pipeline_run(
         Config.from_json(config_json),
         run_name=run_name,
-        pipeline_run_id=pipeline_run_id,
+        pipeline_run_id=current_pipeline_run(default=pipeline_run_id),
         code_version=code_version,
     )
 
@@ -29,17 +29,17 @@ def start_run_op(config_json: str, run_name: str, code_version: str, pipeline_ru
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
 def end_run_op(config_json: str, pipeline_run_id: str, status: dsl.PipelineTaskFinalStatus):
     """Close the parent run as FINISHED or FAILED; runs even when a step failed (exit handler)."""
-    from parti_ops.components.tracking import end_pipeline_run
+    from parti_ops.components.tracking import current_pipeline_run, end_pipeline_run
     from parti_ops.model.config import Config
 
     failed = status.state != "SUCCEEDED"
-    end_pipeline_run(Config.from_json(config_json), pipeline_run_id, failed=failed)
+    run_id = current_pipeline_run(default=pipeline_run_id)
+    end_pipeline_run(Config.from_json(config_json), run_id, failed=failed)
 
 
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
 def ingest_op(
     config_json: str,
-    parent_run_id: str,
     source: str,
     data_digest: str,
     raw: Output[Dataset],
@@ -57,6 +57,9 @@ def ingest_op(
     """
     from parti_ops.components.ingest import IngestError, ingest_step
     from parti_ops.components.synth import synth_step
+    from parti_ops.components.tracking import pipeline_parent_run
+
+    parent_run_id = pipeline_parent_run(config_json)
 
     if not source:
         synth_step(config_json, parent_run_id, raw.path)
@@ -78,7 +81,6 @@ def ingest_op(
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
 def validate_op(
     config_json: str,
-    parent_run_id: str,
     canonical: Input[Dataset],
     validated: Output[Dataset],
     report: Output[HTML],
@@ -91,7 +93,10 @@ def validate_op(
     import shutil
     from pathlib import Path
 
+    from parti_ops.components.tracking import pipeline_parent_run
     from parti_ops.components.validate import DataValidationError, validate_step
+
+    parent_run_id = pipeline_parent_run(config_json)
 
     try:
         result = validate_step(config_json, parent_run_id, canonical.path, validated.path)
@@ -106,7 +111,6 @@ def validate_op(
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
 def text_tokenizer_op(
     config_json: str,
-    parent_run_id: str,
     validated: Input[Dataset],
     text_tokenizer: Output[Model],
     metrics: Output[Metrics],
@@ -115,6 +119,9 @@ def text_tokenizer_op(
     from pathlib import Path
 
     from parti_ops.components.tokenizers import TokenizerError, text_tokenizer_step
+    from parti_ops.components.tracking import pipeline_parent_run
+
+    parent_run_id = pipeline_parent_run(config_json)
 
     accepted = str(Path(validated.path) / "accepted")
     try:
@@ -129,7 +136,6 @@ def text_tokenizer_op(
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
 def image_tokenizer_op(
     config_json: str,
-    parent_run_id: str,
     validated: Input[Dataset],
     image_tokenizer: Output[Model],
     metrics: Output[Metrics],
@@ -144,8 +150,11 @@ def image_tokenizer_op(
     from pathlib import Path
 
     from parti_ops.components.tokenizers import GRID, TokenizerError, image_tokenizer_step
+    from parti_ops.components.tracking import pipeline_parent_run
     from parti_ops.model.checkpoint import CheckpointError, list_checkpoints
     from parti_ops.model.vqgan_train import CHECKPOINTS
+
+    parent_run_id = pipeline_parent_run(config_json)
 
     out = Path(image_tokenizer.path)
     resume = bool(list_checkpoints(out / CHECKPOINTS))
@@ -171,7 +180,6 @@ def image_tokenizer_op(
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
 def encode_op(
     config_json: str,
-    parent_run_id: str,
     validated: Input[Dataset],
     text_tokenizer: Input[Model],
     image_tokenizer: Input[Model],
@@ -181,6 +189,9 @@ def encode_op(
     from pathlib import Path
 
     from parti_ops.components.encode import EncodedFormatError, encode_step
+    from parti_ops.components.tracking import pipeline_parent_run
+
+    parent_run_id = pipeline_parent_run(config_json)
 
     accepted = str(Path(validated.path) / "accepted")
     try:
@@ -205,7 +216,6 @@ def encode_op(
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
 def train_op(
     config_json: str,
-    parent_run_id: str,
     encoded: Input[Dataset],
     text_tokenizer: Input[Model],
     image_tokenizer: Input[Model],
@@ -215,27 +225,30 @@ def train_op(
     """Train the Parti decoder (torchrun with `train.nproc` processes); write the bundle.
 
     A retry of this task resumes from the checkpoints its earlier attempt left in the
-    output folder (on a cluster: a preempted pod, exit code 143).
+    output folder (on a cluster: a preempted pod, exit code 143). With `train.nodes` > 1
+    it submits a PyTorchJob instead and waits for it (components/train_job.py); a retry
+    follows the same job.
     """
     from pathlib import Path
 
     from parti_ops.components.encode import EncodedFormatError
+    from parti_ops.components.tracking import pipeline_parent_run
     from parti_ops.components.train import TrainError, train_step
+    from parti_ops.components.train_job import train_job_step
+    from parti_ops.deploy.training_job import TrainJobError
     from parti_ops.model.checkpoint import CheckpointError, list_checkpoints
+    from parti_ops.model.config import Config
     from parti_ops.model.train import CHECKPOINTS
 
-    resume = bool(list_checkpoints(Path(model.path) / CHECKPOINTS))
+    parent_run_id = pipeline_parent_run(config_json)
+    inputs = (encoded.path, text_tokenizer.path, image_tokenizer.path, model.path)
     try:
-        report = train_step(
-            config_json,
-            parent_run_id,
-            encoded.path,
-            text_tokenizer.path,
-            image_tokenizer.path,
-            model.path,
-            resume=resume,
-        )
-    except (CheckpointError, EncodedFormatError, TrainError) as err:
+        if Config.from_json(config_json).train.nodes > 1:
+            report = train_job_step(config_json, parent_run_id, *inputs)
+        else:
+            resume = bool(list_checkpoints(Path(model.path) / CHECKPOINTS))
+            report = train_step(config_json, parent_run_id, *inputs, resume=resume)
+    except (CheckpointError, EncodedFormatError, TrainError, TrainJobError) as err:
         raise SystemExit(f"train: {err}") from None
     for key, value in report.items():
         if isinstance(value, int | float):
@@ -251,7 +264,6 @@ def train_op(
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
 def scorer_op(
     config_json: str,
-    parent_run_id: str,
     validated: Input[Dataset],
     text_tokenizer: Input[Model],
     scorer: Output[Model],
@@ -261,6 +273,9 @@ def scorer_op(
     from pathlib import Path
 
     from parti_ops.components.scorer import scorer_step
+    from parti_ops.components.tracking import pipeline_parent_run
+
+    parent_run_id = pipeline_parent_run(config_json)
 
     accepted = str(Path(validated.path) / "accepted")
     try:
@@ -298,7 +313,6 @@ def fid_reference_op(
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
 def evaluate_op(
     config_json: str,
-    parent_run_id: str,
     model: Input[Model],
     validated: Input[Dataset],
     scorer: Input[Model],
@@ -312,6 +326,9 @@ def evaluate_op(
     from pathlib import Path
 
     from parti_ops.components.evaluate import REPORT, evaluate_step
+    from parti_ops.components.tracking import pipeline_parent_run
+
+    parent_run_id = pipeline_parent_run(config_json)
 
     accepted = str(Path(validated.path) / "accepted")
     try:
@@ -335,7 +352,6 @@ def evaluate_op(
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
 def register_op(
     config_json: str,
-    parent_run_id: str,
     model: Input[Model],
     evaluation: Input[Dataset],
     encoded: Input[Dataset],
@@ -355,7 +371,10 @@ def register_op(
     from pathlib import Path
 
     from parti_ops.components.registry import register_step
+    from parti_ops.components.tracking import pipeline_parent_run
     from parti_ops.model.config import Config
+
+    parent_run_id = pipeline_parent_run(config_json)
 
     config = Config.from_json(config_json)
     accepted = Path(validated.path) / "accepted"
@@ -390,7 +409,6 @@ def register_op(
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
 def export_op(
     config_json: str,
-    parent_run_id: str,
     decision: Input[Markdown],
     repository: Output[Model],
 ) -> str:
@@ -399,6 +417,9 @@ def export_op(
     Runs after the gate (`decision`), whichever way it went; returns the served version.
     """
     from parti_ops.components.export import ExportStepError, export_step
+    from parti_ops.components.tracking import pipeline_parent_run
+
+    parent_run_id = pipeline_parent_run(config_json)
 
     try:
         report = export_step(config_json, parent_run_id, repository.path)
@@ -411,13 +432,15 @@ def export_op(
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
 def smoke_test_op(
     config_json: str,
-    parent_run_id: str,
     repository: Input[Model],
     smoke: Output[Dataset],
     metrics: Output[Metrics],
 ):
     """Start tritonserver on the repository and generate one image over HTTP and gRPC."""
     from parti_ops.components.serve import smoke_test_step
+    from parti_ops.components.tracking import pipeline_parent_run
+
+    parent_run_id = pipeline_parent_run(config_json)
 
     report = smoke_test_step(config_json, parent_run_id, repository.path, smoke.path)
     for name, ok in report["checks"].items():

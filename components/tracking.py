@@ -6,6 +6,7 @@ Metrics, params and tags go in one `log_batch` call each.
 """
 
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Iterator, Mapping
@@ -21,6 +22,10 @@ log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
 PIPELINE_RUN_TAG = "kfp.pipeline_run_id"
+# The id of the kfp run a step process belongs to. On a cluster it is the pod's
+# `pipeline/runid` label (pipelines/parti.py maps it into every step's environment);
+# `run_local` sets it for the steps it starts.
+PIPELINE_RUN_ENV = "PARTI_PIPELINE_RUN_ID"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 SQLITE_TIMEOUT_S = 30  # how long a step waits for another step's write before "database is locked"
 
@@ -135,12 +140,39 @@ def start_pipeline_run(
 def end_pipeline_run(config: Config, pipeline_run_id: str, *, failed: bool = False) -> str | None:
     """Close the parent run of kfp run `pipeline_run_id`; returns its id (None if never opened)."""
     client, experiment_id = client_for(config)
-    runs = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run_id}'"
-    )
+    runs = _parent_runs(client, experiment_id, pipeline_run_id)
     for run in runs:
         client.set_terminated(run.info.run_id, status="FAILED" if failed else "FINISHED")
     return runs[0].info.run_id if runs else None
+
+
+def current_pipeline_run(default: str = "") -> str:
+    """The kfp run this process is a step of (`PIPELINE_RUN_ENV`), else `default`."""
+    return os.environ.get(PIPELINE_RUN_ENV) or default
+
+
+def pipeline_parent_run(config_json: str) -> str:
+    """The MLflow parent run of the kfp run this step belongs to; "" outside a pipeline run.
+
+    Steps look their parent up instead of taking its id as an input: an input that is new
+    in every run would be part of every step's kfp cache key, and no step would ever be
+    taken from the cache.
+    """
+    run_id = current_pipeline_run()
+    if not run_id:
+        return ""
+    client, experiment_id = client_for(Config.from_json(config_json))
+    runs = _parent_runs(client, experiment_id, run_id)
+    if not runs:
+        log.warning("no MLflow parent run for kfp run %s; this step's run is top-level", run_id)
+        return ""
+    return runs[0].info.run_id
+
+
+def _parent_runs(client, experiment_id: str, pipeline_run_id: str) -> list:
+    return client.search_runs(
+        [experiment_id], filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run_id}'"
+    )
 
 
 @contextmanager

@@ -256,6 +256,14 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     nproc: int = 1  # processes the pipeline step starts with torchrun (GPUs on a GPU node)
     accelerator: str | None = None  # kfp accelerator type for the step, e.g. NVIDIA_TESLA_T4
+    # Machines. Above 1, the pipeline's train step submits a PyTorchJob (Kubeflow Training
+    # Operator) of `nodes` pods, each running torchrun with `nproc` processes
+    # (deploy/training_job.py), and waits for it.
+    nodes: int = 1
+    job_image: str = "ghcr.io/parti-ops/parti-ops-cuda:0.1.0"
+    job_namespace: str = ""  # empty: the pipeline step's own namespace
+    job_volume: str = "parti-train-shared"  # ReadWriteMany PVC mounted at /shared by all
+    job_timeout_s: int = 7 * 24 * 3600
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
     log_every: int = 25
@@ -264,12 +272,17 @@ class TrainConfig:
     def __post_init__(self) -> None:
         p = "train."
         _check(self.steps >= 1, f"{p}steps must be >= 1")
-        _check(self.grad_accum >= 1 and self.nproc >= 1, f"{p}grad_accum and nproc must be >= 1")
         _check(
-            self.batch_size >= 1 and self.batch_size % (self.grad_accum * self.nproc) == 0,
-            f"{p}batch_size={self.batch_size} must be a multiple of grad_accum * nproc"
-            f" ({self.grad_accum} * {self.nproc})",
+            min(self.grad_accum, self.nproc, self.nodes) >= 1,
+            f"{p}grad_accum, nproc and nodes must be >= 1",
         )
+        processes = self.nproc * self.nodes
+        _check(
+            self.batch_size >= 1 and self.batch_size % (self.grad_accum * processes) == 0,
+            f"{p}batch_size={self.batch_size} must be a multiple of grad_accum * nproc * nodes"
+            f" ({self.grad_accum} * {self.nproc} * {self.nodes})",
+        )
+        _check(self.job_timeout_s >= 1, f"{p}job_timeout_s must be >= 1")
         _check(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, f"{p}lr > 0, min_lr_ratio in [0, 1]")
         _check(
             self.warmup_steps >= 0 and self.weight_decay >= 0, f"{p}warmup_steps, weight_decay >= 0"

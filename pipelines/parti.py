@@ -14,13 +14,16 @@ closes that run as FAILED when any step fails.
 """
 
 import logging
+import os
 import time
+import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from kfp import compiler, dsl
+from kfp import compiler, dsl, kubernetes
 
 from parti_ops.components.ops import (
     encode_op,
@@ -38,7 +41,9 @@ from parti_ops.components.ops import (
     train_op,
     validate_op,
 )
+from parti_ops.components.tracking import PIPELINE_RUN_ENV
 from parti_ops.components.versioning import dvc_md5, git_sha
+from parti_ops.deploy.training_job import SHARED
 from parti_ops.model.config import Config
 
 log = logging.getLogger(__name__)
@@ -99,6 +104,15 @@ def _retry(task):
     )
 
 
+def _knows_its_run(task):
+    """Give the step the kfp run id in its environment, from its pod's label (the label
+    KFP's own launcher reads the run id from); kfp.local ignores it and `run_local` sets
+    the variable itself."""
+    return kubernetes.use_field_path_as_env(
+        task, PIPELINE_RUN_ENV, "metadata.labels['pipeline/runid']"
+    )
+
+
 def _steps(
     config_json: str,
     source: str,
@@ -109,7 +123,7 @@ def _steps(
 ) -> None:
     train = config.train
     # The exit task may not take inputs from other tasks, so it finds the parent run
-    # through the kfp run id that both tasks are given.
+    # through the kfp run id, as every step does.
     end = end_run_op(config_json=config_json, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
     end.set_caching_options(False)
     with dsl.ExitHandler(end, name="tracked-run"):
@@ -120,40 +134,33 @@ def _steps(
             pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         )
         start.set_caching_options(False)  # a fresh parent run every time
-        parent = start.output
-        ingest = ingest_op(
-            config_json=config_json,
-            parent_run_id=parent,
-            source=source,
-            data_digest=data_digest,
-        )
-        validate = validate_op(
-            config_json=config_json, parent_run_id=parent, canonical=ingest.outputs["canonical"]
-        )
+        # Steps find that parent run themselves (components/tracking.py,
+        # pipeline_parent_run), so that no step input changes from run to run: each step's
+        # cache key is its config, its data digest and the artifacts it reads.
+        ingest = ingest_op(config_json=config_json, source=source, data_digest=data_digest)
+        ingest.after(start)
+        validate = validate_op(config_json=config_json, canonical=ingest.outputs["canonical"])
         validated = validate.outputs["validated"]
-        text = text_tokenizer_op(config_json=config_json, parent_run_id=parent, validated=validated)
-        image = image_tokenizer_op(
-            config_json=config_json, parent_run_id=parent, validated=validated
-        )
+        text = text_tokenizer_op(config_json=config_json, validated=validated)
+        image = image_tokenizer_op(config_json=config_json, validated=validated)
         encode = encode_op(
             config_json=config_json,
-            parent_run_id=parent,
             validated=validated,
             text_tokenizer=text.outputs["text_tokenizer"],
             image_tokenizer=image.outputs["image_tokenizer"],
         )
         trainer = train_op(
             config_json=config_json,
-            parent_run_id=parent,
             encoded=encode.outputs["encoded"],
             text_tokenizer=text.outputs["text_tokenizer"],
             image_tokenizer=image.outputs["image_tokenizer"],
         )
-        if train.accelerator:  # one GPU per torchrun process, on one node
+        if train.nodes > 1:  # the step submits a PyTorchJob: the GPUs are the job's
+            kubernetes.mount_pvc(trainer, pvc_name=train.job_volume, mount_path=SHARED)
+        elif train.accelerator:  # one GPU per torchrun process, on one node
             trainer.set_accelerator_type(train.accelerator).set_accelerator_limit(train.nproc)
         scorer = scorer_op(
             config_json=config_json,
-            parent_run_id=parent,
             validated=validated,
             text_tokenizer=text.outputs["text_tokenizer"],
         )
@@ -162,7 +169,6 @@ def _steps(
         )
         evaluate = evaluate_op(
             config_json=config_json,
-            parent_run_id=parent,
             model=trainer.outputs["model"],
             validated=validated,
             scorer=scorer.outputs["scorer"],
@@ -170,7 +176,6 @@ def _steps(
         )
         register = register_op(
             config_json=config_json,
-            parent_run_id=parent,
             model=trainer.outputs["model"],
             evaluation=evaluate.outputs["evaluation"],
             encoded=encode.outputs["encoded"],
@@ -181,13 +186,11 @@ def _steps(
         register.set_caching_options(False)  # the registry's state is an input kfp cannot see
         export = export_op(
             config_json=config_json,
-            parent_run_id=parent,
             decision=register.outputs["decision"],
         )
         export.set_caching_options(False)  # exports whatever the champion alias now names
         smoke = smoke_test_op(
             config_json=config_json,
-            parent_run_id=parent,
             repository=export.outputs["repository"],
         )
         smoke.set_caching_options(False)
@@ -195,7 +198,8 @@ def _steps(
             export.set_accelerator_type(train.accelerator).set_accelerator_limit(1)
         for task, size in (
             (start, "small"), (ingest, "data"), (validate, "data"), (text, "data"),
-            (image, "data"), (encode, "data"), (trainer, "train"), (scorer, "data"),
+            (image, "data"), (encode, "data"), (trainer, "small" if train.nodes > 1 else "train"),
+            (scorer, "data"),
             (references, "data"), (evaluate, "data"), (register, "small"), (export, "data"),
             (smoke, "data"),
         ):  # fmt: skip
@@ -203,6 +207,10 @@ def _steps(
         # Not register: a retry after a partial success would register a second version.
         for task in (ingest, trainer, export, smoke):
             _retry(task)
+        for task in (start, ingest, validate, text, image, encode, trainer, scorer, references,
+                     evaluate, register, export, smoke):  # fmt: skip
+            _knows_its_run(task)
+    _knows_its_run(end)
 
 
 def compile_pipeline(path: str | Path = COMPILED, config: Config | None = None) -> Path:
@@ -234,6 +242,20 @@ class LocalRun:
     tracking_uri: str
 
 
+@contextmanager
+def _step_environment(name: str, value: str) -> Iterator[None]:
+    """`name=value` in this process's environment, which the steps' processes inherit."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
 def run_local(config: Config, source: str | Path | None = None) -> LocalRun:
     """Run the pipeline on this machine with kfp.local's SubprocessRunner.
 
@@ -252,7 +274,7 @@ def run_local(config: Config, source: str | Path | None = None) -> LocalRun:
     run_name = f"{PIPELINE_NAME}-{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     before = set(root.iterdir())
     log.info("running pipeline %s with kfp.local; artifacts under %s", run_name, root)
-    with warnings.catch_warnings():
+    with _step_environment(PIPELINE_RUN_ENV, uuid.uuid4().hex), warnings.catch_warnings():
         # kfp.local warns that the component image is not a "python" image; locally the
         # steps run in this environment, where parti-ops is installed.
         warnings.filterwarnings("ignore", message="You may be attemping to run a task")

@@ -51,3 +51,21 @@ def test_artifacts_go_beside_the_store_not_to_the_cwd(config, tmp_path, monkeypa
         run.log_artifact(tmp_path / "f.txt")
     assert list((tmp_path / "mlartifacts").rglob("f.txt"))
     assert list(elsewhere.iterdir()) == []
+
+
+def test_a_step_finds_the_parent_run_of_its_kfp_run_from_its_environment(
+    config, monkeypatch, caplog
+):
+    from parti_ops.components.tracking import PIPELINE_RUN_ENV, pipeline_parent_run
+
+    parent = start_pipeline_run(config, run_name="r", pipeline_run_id="kfp-7")
+    start_pipeline_run(config, run_name="other", pipeline_run_id="kfp-8")
+    monkeypatch.delenv(PIPELINE_RUN_ENV, raising=False)
+    assert pipeline_parent_run(config.to_json()) == ""  # not a step of a pipeline run
+
+    monkeypatch.setenv(PIPELINE_RUN_ENV, "kfp-7")
+    assert pipeline_parent_run(config.to_json()) == parent
+
+    monkeypatch.setenv(PIPELINE_RUN_ENV, "kfp-unknown")
+    assert pipeline_parent_run(config.to_json()) == ""
+    assert "no MLflow parent run for kfp run kfp-unknown" in caplog.text

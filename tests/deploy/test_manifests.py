@@ -141,17 +141,23 @@ def test_the_training_objects_are_valid_kubernetes(version):
     errors = []
     for obj in training():
         if obj["kind"] == "PyTorchJob":  # not Kubernetes' own; its pod templates are
-            for replica, spec in obj["spec"]["pytorchReplicaSpecs"].items():
-                template = {
-                    "apiVersion": "v1",
-                    "kind": "PodTemplate",
-                    "metadata": {"name": f"{obj['metadata']['name']}-{replica.lower()}"},
-                    "template": spec["template"],
-                }
-                errors += _validation_errors(template, version)
+            errors += _pod_template_errors(obj, version)
         else:
             errors += _validation_errors(obj, version)
     assert not errors, "\n".join(errors)
+
+
+def _pod_template_errors(job: dict[str, Any], version: str) -> list[str]:
+    errors = []
+    for replica, spec in job["spec"]["pytorchReplicaSpecs"].items():
+        template = {
+            "apiVersion": "v1",
+            "kind": "PodTemplate",
+            "metadata": {"name": f"{job['metadata']['name']}-{replica.lower()}"},
+            "template": spec["template"],
+        }
+        errors += _validation_errors(template, version)
+    return errors
 
 
 def _sdk_schema(type_name: str) -> dict[str, Any]:
@@ -656,6 +662,58 @@ def test_the_pods_run_the_launcher_shipped_beside_the_job():
         volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
         config_map = one(objects, "ConfigMap", volume["configMap"]["name"])  # hashed name
         assert config_map["data"]["launch.py"] == launcher
+
+
+# The job the pipeline's train step submits when train.nodes > 1 (deploy/training_job.py).
+
+
+def submitted(**overrides) -> list[dict[str, Any]]:
+    from parti_ops.deploy.training_job import job_objects
+    from parti_ops.model.config import Config
+
+    config = Config.load("small", overrides={"train.nodes": 4, "train.nproc": 2, **overrides})
+    return job_objects(config, "parti-train-0123456789ab", "team-a", parent_run_id="abc")
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("accelerator", ["NVIDIA_H100_80GB", None])
+def test_the_submitted_job_is_valid_for_the_operator_and_kubernetes(version, accelerator):
+    from kubeflow.training.constants.constants import PYTORCHJOB_MODEL
+
+    config_map, job = submitted(**{"train.accelerator": accelerator})
+    jsonschema.validate(job, _sdk_schema(PYTORCHJOB_MODEL))
+    errors = _validation_errors(config_map, version) + _pod_template_errors(job, version)
+    assert not errors, "\n".join(errors)
+
+
+def test_the_submitted_job_is_the_shipped_one_filled_in_for_one_run():
+    config_map, job = submitted(**{"train.accelerator": "NVIDIA_H100_80GB"})
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    assert (specs["Master"]["replicas"], specs["Worker"]["replicas"]) == (1, 3)  # 4 nodes
+    assert job["spec"]["nprocPerNode"] == "2"
+    assert job["metadata"]["namespace"] == config_map["metadata"]["namespace"] == "team-a"
+    assert config_map["data"]["launch.py"] == (TRAINING / "launch.py").read_text(encoding="utf-8")
+    run = "/shared/runs/parti-train-0123456789ab"
+    for replica in specs.values():
+        spec = replica["template"]["spec"]
+        (container,) = spec["containers"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 2  # one per process
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["PARTI_CONFIG"] == f"{run}/config.json" and env["PARTI_OUT"] == f"{run}/parti"
+        assert env["PARTI_PARENT_RUN_ID"] == "abc" and "PARTI_PRESET" not in env
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["launcher"]["configMap"]["name"] == config_map["metadata"]["name"]
+        assert volumes["shared"]["persistentVolumeClaim"]["claimName"] == "parti-train-shared"
+    (master,) = specs["Master"]["template"]["spec"]["containers"]
+    assert master["command"] == ["python", "/etc/parti/launch.py"]
+
+
+def test_one_node_on_cpu_is_a_master_alone_without_gpus():
+    _, job = submitted(**{"train.nodes": 1, "train.nproc": 1, "train.accelerator": None})
+    assert list(job["spec"]["pytorchReplicaSpecs"]) == ["Master"]
+    spec = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in str(spec["containers"][0]["resources"])
+    assert "tolerations" not in spec
 
 
 # The launcher itself, run here with this environment's parti_ops and a stand-in torchrun.

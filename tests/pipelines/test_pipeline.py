@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from parti_ops.components.versioning import dvc_md5
@@ -100,6 +101,48 @@ def test_the_training_step_asks_for_gpus_when_configured(tmp_path):
     resources = spec.split("exec-train-op:")[1]
     assert "resourceType: NVIDIA_TESLA_T4" in resources and "resourceCount: '2'" in resources
     assert "resourceType" not in COMPILED.read_text()  # the tiny preset runs on CPU
+
+
+def _compiled(path: Path) -> tuple[dict, dict]:
+    """The pipeline spec and the Kubernetes platform spec of a compiled pipeline."""
+    spec, platform = yaml.safe_load_all(path.read_text())
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_cached_steps_take_only_inputs_that_stay_the_same_from_run_to_run():
+    spec, executors = _compiled(COMPILED)
+    tasks = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    cached = {name for name, task in tasks.items() if task["cachingOptions"].get("enableCache")}
+    assert {"ingest-op", "validate-op", "image-tokenizer-op", "encode-op", "train-op"} <= cached
+    assert "start-run-op" not in cached and "register-op" not in cached
+    for name in cached:
+        for key, value in tasks[name]["inputs"].get("parameters", {}).items():
+            # Only pipeline parameters that name the config and the data, never the run's
+            # id, name or code version, nor another task's output (the parent run id).
+            assert value == {"componentInputParameter": f"pipelinechannel--{key}"}, (name, key)
+            assert key in {"config_json", "source", "data_digest"}, (name, key)
+    # Every step, the exit handler too, finds the kfp run id in its environment.
+    for task in [*tasks.values(), spec["root"]["dag"]["tasks"]["end-run-op"]]:
+        executor = executors[task["componentRef"]["name"].replace("comp-", "exec-", 1)]
+        assert executor["fieldPathAsEnv"] == [
+            {"name": "PARTI_PIPELINE_RUN_ID", "fieldPath": "metadata.labels['pipeline/runid']"}
+        ]
+
+
+def test_with_several_nodes_the_train_step_mounts_the_shared_volume_and_asks_no_gpu(tmp_path):
+    config = Config.load(
+        "tiny",
+        overrides={"train.accelerator": "NVIDIA_H100_80GB", "train.nodes": 2, "train.nproc": 8,
+                   "train.batch_size": 64},
+    )  # fmt: skip
+    path = compile_pipeline(tmp_path / "nodes.yaml", config)
+    spec, executors = _compiled(path)
+    train = spec["deploymentSpec"]["executors"]["exec-train-op"]["container"]
+    assert "accelerator" not in train["resources"]  # the job's pods have the GPUs
+    assert executors["exec-train-op"]["pvcMount"] == [
+        {"constant": "parti-train-shared", "mountPath": "/shared",
+         "pvcNameParameter": {"runtimeValue": {"constant": "parti-train-shared"}}}
+    ]  # fmt: skip
 
 
 def test_failed_validation_fails_the_run_and_marks_mlflow_failed(tmp_path):
