@@ -105,6 +105,24 @@ def _tensor(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
+class _ClipScoreModel(torch.nn.Module):
+    """The feature model as torchmetrics' CLIPScore calls it, returning plain tensors.
+
+    CLIPScore normalises what `get_*_features` return; a transformers 5 `CLIPModel` returns
+    a model output there, which it cannot.
+    """
+
+    def __init__(self, model: Any):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return _tensor(self.model.get_image_features(pixel_values))
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        return _tensor(self.model.get_text_features(input_ids, attention_mask))
+
+
 class _FidFeatures(torch.nn.Module):
     """The feature model's image embedding as the `feature` network of torchmetrics' FID."""
 
@@ -252,7 +270,9 @@ def evaluate_bundle(
     metrics["fidelity"] = float(np.mean(exact))
     generated = torch.cat(samples)
 
-    clip = CLIPScore(model_name_or_path=lambda: (features.model, features.processor))
+    clip = CLIPScore(
+        model_name_or_path=lambda: (_ClipScoreModel(features.model), features.processor)
+    )
     for start in range(0, len(generated), ev.batch_size):
         chunk = generated[start : start + ev.batch_size].permute(0, 3, 1, 2)
         clip.update(list(chunk), prompts[start : start + ev.batch_size])

@@ -127,3 +127,63 @@ def test_cli_generate_with_candidates_needs_a_scorer_and_uses_it(setup, tmp_path
                   "--scorer", scorer, "--out", str(tmp_path / "x.png"), *sets)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "x.png").stat().st_size > 0
+
+
+def _local_clip(folder) -> None:
+    """A tiny, randomly initialised Hugging Face CLIP saved to `folder`, as a downloaded one
+    would be (model, tokenizer and image processor); none can be downloaded here."""
+    import string
+
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessorPil,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+    )
+
+    folder.mkdir()
+    letters = list(string.ascii_lowercase + string.digits + ",.")
+    tokens = letters + [c + "</w>" for c in letters] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    square = {"height": 32, "width": 32}
+    images = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size=square)
+    layers = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 2}  # fmt: skip
+    config = CLIPConfig(
+        text_config={**layers, "vocab_size": len(vocab), "max_position_embeddings": 77,
+                     "bos_token_id": vocab["<|startoftext|>"],
+                     "eos_token_id": vocab["<|endoftext|>"]},
+        vision_config={**layers, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+
+
+def test_a_local_hugging_face_clip_replaces_the_scorer_everywhere(setup, inputs):
+    root = setup["root"]
+    clip = root / "clip"
+    _local_clip(clip)
+    config = dataclasses.replace(
+        setup["config"],
+        scorer=dataclasses.replace(setup["config"].scorer, clip_model=str(clip)),
+    )
+    features = FeatureModel.load(clip)
+    assert features.dim == 16 and features.version != FeatureModel.load(setup["scorer"]).version
+
+    result = evaluate_bundle(config, root / "bundle", inputs["accepted"], setup["scorer"],
+                             root / "with-clip", root / "clip-refs")  # fmt: skip
+    metrics = result["metrics"]
+    assert metrics["clip_score"] == metrics["clip_score"] and metrics["fid"] >= 0  # not NaN
+    assert result["key"]["feature_model"] == features.version  # not the in-house scorer's
+    (reference,) = (root / "clip-refs").iterdir()
+    assert features.version[:16] in reference.name
+
+    images, captions = load_pairs(inputs["accepted"], "test")
+    scores = features.reranker()(images[:3], captions[0])
+    assert scores.shape == (3,) and torch.all(scores.abs() <= 1 + 1e-6)  # cosine similarities
