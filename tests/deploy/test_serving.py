@@ -4,7 +4,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -227,3 +229,50 @@ def test_parti_serve_prints_urls_and_stops_cleanly_on_sigterm(repository, tmp_pa
             process.kill()
     assert process.returncode == 0, "".join(lines) + rest
     assert "tritonserver stopped" in rest
+
+
+def _failures(server, reason: str) -> float:
+    """Triton's count of the parti model's failed requests for `reason`, from /metrics."""
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("nv_inference_request_failure{")
+        and 'model="parti"' in line
+        and f'reason="{reason}"' in line
+    )
+
+
+def test_a_request_its_client_cancels_is_dropped_by_the_server_which_keeps_serving(server):
+    """Cancelled over gRPC behind a queue of other work, the request ends CANCELLED on the
+    server (Triton counts it), and later requests are served. (A request already in the
+    model's decode loop stops at its next poll: tests/deploy/test_triton_model.py. Here
+    a request takes about 40 ms, too short to cancel in flight reliably.)"""
+    before = _failures(server, "CANCELED")
+    client = grpc.InferenceServerClient(server.grpc_url.split("://")[1])
+    tensor = grpc.InferInput("prompt", [8, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[PROMPT.encode()]] * 8, dtype=object))
+    done = threading.Semaphore(0)
+    outcomes = []
+
+    def callback(result, error):
+        outcomes.append((result, error))
+        done.release()
+
+    busy = [client.async_infer("parti", [tensor], callback) for _ in range(24)]  # ~0.5 s
+    call = client.async_infer("parti", [tensor], lambda result, error: outcomes.append(
+        ("cancelled one", result, error)) or done.release())  # fmt: skip
+    time.sleep(0.01)
+    call.cancel()
+    for _ in range(len(busy) + 1):
+        assert done.acquire(timeout=60)
+    (mine,) = [o for o in outcomes if o[0] == "cancelled one"]
+    assert mine[1] is None and "cancel" in str(mine[2]).lower()
+    others = [o for o in outcomes if o[0] != "cancelled one"]
+    assert all(error is None for _, error in others)  # the queue around it was served
+    deadline = time.monotonic() + 30
+    while _failures(server, "CANCELED") <= before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _failures(server, "CANCELED") == before + 1  # dropped on the server, not only here
+    images, _ = generate(server.grpc_url, [PROMPT], seed=3)
+    assert images.shape[0] == 1
