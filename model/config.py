@@ -216,6 +216,8 @@ class PartiConfig:
     mlp_ratio: int = 4  # MLP width / d_model (Parti: 4)
     dropout: float = 0.0
     tie_head: bool = True  # the output head shares the image-code embedding matrix
+    prompt_start: bool = True  # add the pooled caption to the start token's input
+    qk_norm: bool = True  # LayerNorm on each head's queries and keys
 
     def __post_init__(self) -> None:
         p = "parti."

@@ -55,6 +55,7 @@ class KVCache:
     cross_k: list[torch.Tensor]  # text positions, fixed per prompt
     cross_v: list[torch.Tensor]
     text_mask: torch.Tensor  # (B, T) True where the text is a real token
+    prompt: torch.Tensor | None = None  # (B, D) added to the start token's input
 
     @property
     def length(self) -> int:
@@ -62,12 +63,16 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, d_model: int, heads: int, dropout: float):
+    def __init__(self, d_model: int, heads: int, dropout: float, qk_norm: bool = False):
         super().__init__()
         self.heads, self.dropout = heads, dropout
         self.q = nn.Linear(d_model, d_model)
         self.kv = nn.Linear(d_model, 2 * d_model)
         self.out = nn.Linear(d_model, d_model)
+        # LayerNorm of each head's queries and keys (Dehghani et al. 2023): the logits start
+        # at a useful scale instead of near zero, so attention can become selective early.
+        norm = (lambda: nn.LayerNorm(d_model // heads)) if qk_norm else nn.Identity
+        self.q_norm, self.k_norm = norm(), norm()
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
@@ -75,7 +80,7 @@ class Attention(nn.Module):
 
     def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self.kv(x).chunk(2, dim=-1)
-        return self._split(k), self._split(v)
+        return self.k_norm(self._split(k)), self._split(v)
 
     def forward(
         self,
@@ -86,7 +91,7 @@ class Attention(nn.Module):
         causal: bool = False,
     ) -> torch.Tensor:
         """x (B, n, D) attends to k, v (B, H, m, D/H); mask (B or 1, 1, n or 1, m), True = keep."""
-        q = self._split(self.q(x))
+        q = self.q_norm(self._split(self.q(x)))
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
         return self.out(y.transpose(1, 2).flatten(2))  # (B, n, D)
@@ -106,7 +111,7 @@ class EncoderLayer(nn.Module):
     def __init__(self, cfg: PartiConfig):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
-        self.attn = Attention(cfg.d_model, cfg.heads, cfg.dropout)
+        self.attn = Attention(cfg.d_model, cfg.heads, cfg.dropout, cfg.qk_norm)
         self.mlp = MLP(cfg.d_model, cfg.mlp_ratio, cfg.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -119,8 +124,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: PartiConfig):
         super().__init__()
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(cfg.d_model) for _ in range(3))
-        self.self_attn = Attention(cfg.d_model, cfg.heads, cfg.dropout)
-        self.cross_attn = Attention(cfg.d_model, cfg.heads, cfg.dropout)
+        self.self_attn = Attention(cfg.d_model, cfg.heads, cfg.dropout, cfg.qk_norm)
+        self.cross_attn = Attention(cfg.d_model, cfg.heads, cfg.dropout, cfg.qk_norm)
         self.mlp = MLP(cfg.d_model, cfg.mlp_ratio, cfg.dropout)
 
     def forward(
@@ -174,6 +179,9 @@ class Parti(nn.Module):
         self.col_pos = nn.Parameter(torch.zeros(dims.grid, d))
         self.decoder = nn.ModuleList(DecoderLayer(config) for _ in range(config.decoder_layers))
         self.decoder_norm = nn.LayerNorm(d)
+        # The caption, pooled, added to the start token's input: position 0 then carries
+        # the prompt, and every later position can read it through self-attention.
+        self.prompt_proj = nn.Linear(d, d) if config.prompt_start else None
         self.head = None if config.tie_head else nn.Linear(d, dims.codebook_size, bias=False)
         self.drop = nn.Dropout(config.dropout)
         self.apply(_init_weights)
@@ -218,7 +226,14 @@ class Parti(nn.Module):
             cross_k=[k for k, _ in cross],
             cross_v=[v for _, v in cross],
             text_mask=text_mask,
+            prompt=self._pool(states, text_mask) if self.prompt_proj is not None else None,
         )
+
+    def _pool(self, states: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """Mean of the real text states (B, T, D) → projected (B, D)."""
+        weights = text_mask[..., None].to(states.dtype)
+        pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return self.prompt_proj(pooled)
 
     def decode(self, tokens: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
         """Decoder inputs (B, n) at the n positions after `cache.length` → logits (B, n, K).
@@ -230,7 +245,10 @@ class Parti(nn.Module):
         positions = torch.arange(start, start + n, device=tokens.device)
         grid = self.dims.grid
         pos = self.row_pos[positions // grid] + self.col_pos[positions % grid]  # (n, D)
-        x = self.drop(self.code_embed(tokens) + pos)
+        x = self.code_embed(tokens) + pos
+        if start == 0 and cache.prompt is not None:
+            x = torch.cat([x[:, :1] + cache.prompt[:, None], x[:, 1:]], dim=1)
+        x = self.drop(x)
         text_mask = cache.text_mask[:, None, None, :]
         self_k, self_v = [], []
         for i, layer in enumerate(self.decoder):
@@ -286,6 +304,9 @@ class Parti(nn.Module):
         folder = Path(folder)
         try:
             body: dict[str, Any] = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+            # Folders written before these options existed hold models without them.
+            for option in ("prompt_start", "qk_norm"):
+                body["parti"].setdefault(option, False)
             model = cls(config=PartiConfig(**body["parti"]), dims=PartiDims(**body["dims"]))
             state = load_file(folder / WEIGHTS, device=str(device))
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:

@@ -1,6 +1,7 @@
 """The Parti model and its sampler: cache exactness, guidance, seeds, sizes, files."""
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -168,6 +169,14 @@ def test_save_and_load_round_trip(tmp_path):
     state = loaded.state_dict()
     for name, value in model.state_dict().items():
         assert torch.equal(value, state[name]), name
+    # A folder from before `prompt_start` and `qk_norm` existed loads as such a model.
+    older = _model(prompt_start=False, qk_norm=False)
+    older.save_pretrained(tmp_path / "old")
+    config = tmp_path / "old" / "config.json"
+    body = json.loads(config.read_text())
+    del body["parti"]["prompt_start"], body["parti"]["qk_norm"]
+    config.write_text(json.dumps(body))
+    assert not Parti.from_pretrained(tmp_path / "old").config.qk_norm
     (tmp_path / "m" / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="not a Parti model folder"):
         Parti.from_pretrained(tmp_path / "m")

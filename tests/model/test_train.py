@@ -85,8 +85,11 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     fit(cfg, one, DIMS, data, tmp_path / "one")
     fit(cfg, accumulated, DIMS, data, tmp_path / "acc")
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "acc")
+    # Adam divides by the gradient's RMS, so where a gradient is near zero (a QK-norm
+    # gain) summation-order noise moves a weight by up to ~3e-5 in 3 steps of lr 3e-3;
+    # a wrong accumulation moves weights by the order of the learning rate.
     for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-4)
 
 
 def test_caption_dropout_is_a_function_of_the_step():
@@ -94,3 +97,21 @@ def test_caption_dropout_is_a_function_of_the_step():
     assert torch.equal(drops, caption_drops(5, 10_000, 0.1, seed=0))
     assert not torch.equal(drops, caption_drops(6, 10_000, 0.1, seed=0))
     assert 0.08 < drops.float().mean() < 0.12
+
+
+def test_the_first_code_is_learned_from_the_caption(tmp_path):
+    # Only the first code depends on the caption and the rest are all 0, so nothing before
+    # position 0 can tell the model what to draw there: the caption must reach it.
+    data = _data(rows=64)
+    first = data.codes[:, 0].clone()
+    codes = torch.zeros_like(data.codes)
+    codes[:, 0] = first
+    data = dataclasses.replace(data, codes=codes)
+    train = dataclasses.replace(TRAIN, steps=150, batch_size=16, checkpoint_every=100)
+    model = fit(dataclasses.replace(CONFIG, dropout=0.0), train, DIMS, data, tmp_path)
+    with torch.no_grad():
+        conditional = model(data.text_ids, data.text_mask, codes)[:, 0].argmax(-1)
+        null = torch.ones(len(codes), dtype=torch.bool)
+        unconditional = model(data.text_ids, data.text_mask, codes, null)[:, 0].argmax(-1)
+    assert (conditional == first).float().mean() >= 0.95
+    assert (unconditional == first).float().mean() <= 0.5  # the null caption cannot know
