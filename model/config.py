@@ -114,23 +114,42 @@ class ImageTokenizerConfig:
     nearest of `codebook_size` codes (cosine similarity), whose index is the token.
     """
 
-    # "conv": VQGAN's conv encoder and decoder; "patch": an encoder that sees each code's
-    # own pixels only (predictable codes), conv decoder; "vit": ViT-VQGAN's Transformers.
-    architecture: str = "conv"
+    # "patch": an encoder that sees each code's own pixels only (equal patches, equal
+    # codes: predictable for the decoder) and a conv decoder at the code grid; "conv":
+    # VQGAN's conv encoder and decoder; "vit": ViT-VQGAN's Transformers.
+    architecture: str = "patch"
     downsample: int = 4  # pixels per code along a side: a power of two
-    channels: int = 16  # conv: width at full resolution, doubled per halving; vit: model width
-    res_blocks: int = 1  # conv: residual blocks per resolution
+    # conv: width at full resolution, doubled per halving; patch: width at the code grid;
+    # vit: model width.
+    channels: int = 96
+    res_blocks: int = 1  # conv: residual blocks per resolution; patch: at the code grid
     vit_depth: int = 4  # vit: Transformer layers in the encoder and in the decoder
     vit_heads: int = 4
-    latent_dim: int = 64
+    latent_dim: int = 128
     codebook_size: int = 1024  # ViT-VQGAN: 8192; codes are stored as uint16
-    codebook_dim: int = 8  # the low-dimensional lookup space (ViT-VQGAN: 32)
-    codebook_decay: float = 0.8  # EMA of the codebook vectors
-    kmeans_init: bool = True  # codebook initialised by k-means on the first batch
-    dead_code_threshold: float = 2.0  # codes used less than this (EMA count) are re-seeded
+    # The lookup space. ViT-VQGAN: 32. Here 64: on the tiny preset, an autoencoder through
+    # the l2-normalised space read back 88 % of held-out scenes after 1000 steps at 64
+    # dimensions, 83 % at 32 and 16, and 98 % without the normalisation.
+    codebook_dim: int = 64
+    # EMA of the code vectors and of their counts. A slow EMA keeps a count for codes used
+    # once in tens of batches (a shape's rarer outlines), which a fast one would call dead.
+    codebook_decay: float = 0.99
+    kmeans_init: bool = True  # the codebook starts as k-means (k-means++ seeds) of the vectors
+    kmeans_images: int = 256  # ... of this many training images
+    # Share of the steps trained before quantisation starts, the normalised vectors passed
+    # through unquantised; then the codebook is fitted by k-means to vectors that already
+    # describe the images. Tiny preset: held-out oracle exact 86 % with 0.4, 85 % with 0.
+    quantize_after: float = 0.4
+    # Codes whose EMA count (uses per batch) falls below this are re-seeded from the batch
+    # vectors their codes fit worst. Tiny preset: 2.0 kept about 40 % of the codes in use
+    # (a batch holds ~360 edge patches, so at most ~180 edge codes stay alive), 0.05 95 %.
+    dead_code_threshold: float = 0.05
     commitment_weight: float = 0.25
     l1_weight: float = 1.0
     l2_weight: float = 1.0
+    # Reconstruction loss weight of pixels at edges, on top of 1 (`edge_weights`); 0: off.
+    # Tiny preset, same steps: held-out oracle exact 73 % with 4, 52 % without.
+    edge_weight: float = 4.0
     # Perceptual loss: a local Hugging Face vision model folder (e.g. a CLIP or ViT
     # checkpoint); None turns it off, since no pretrained weights can be downloaded.
     perceptual_model: str | None = None
@@ -141,9 +160,9 @@ class ImageTokenizerConfig:
     gan_weight: float = 0.0
     gan_start: int = 2500
     disc_channels: int = 16
-    steps: int = 5000
+    steps: int = 3600
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 4e-3
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     # EMA of the weights used for evaluation and encoding; 0: the trained weights as they
@@ -185,12 +204,14 @@ class ImageTokenizerConfig:
             f"{p}channels must be divisible by vit_heads",
         )
         _check(self.dead_code_threshold >= 0, f"{p}dead_code_threshold must be >= 0")
+        _check(0 <= self.quantize_after < 1, f"{p}quantize_after must be in [0, 1)")
+        _check(self.kmeans_images >= 1, f"{p}kmeans_images must be >= 1")
         _check(
             min(self.warmup_steps, self.gan_start) >= 0 and self.eval_batch_size >= 1,
             f"{p}warmup_steps and gan_start >= 0, eval_batch_size >= 1",
         )
         _check(0 <= self.codebook_decay < 1 and 0 <= self.ema_decay < 1, f"{p}decays in [0, 1)")
-        for name in ("l1_weight", "l2_weight", "perceptual_weight", "gan_weight"):
+        for name in ("l1_weight", "l2_weight", "edge_weight", "perceptual_weight", "gan_weight"):
             _check(getattr(self, name) >= 0, f"{p}{name} must be >= 0")
         _check(self.steps >= 1 and self.batch_size >= 1, f"{p}steps and batch_size must be >= 1")
         _check(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, f"{p}lr > 0, min_lr_ratio in [0, 1]")

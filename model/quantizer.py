@@ -4,8 +4,9 @@ Each latent vector is projected to `codebook_dim`, l2-normalised and replaced by
 similar code (cosine similarity); gradients pass straight through (Yu et al. 2021, §3.2).
 The codebook is not trained by gradients but kept as an exponential moving average of the
 vectors assigned to each code (van den Oord et al. 2017, appendix), initialised by k-means on
-the first training batch, and a code whose EMA count falls below `dead_code_threshold` is
-re-seeded with a vector from the batch, which keeps the codebook used.
+vectors of many training images (k-means++ seeds), and a code whose EMA count falls below
+`dead_code_threshold` is re-seeded with a batch vector that its code fits badly, which
+keeps the codebook used.
 
 This follows `vector-quantize-pytorch`'s cosine-similarity codebook (same k-means, EMA with
 Laplace smoothing and dead-code re-seeding), with assignments handled as indices instead of
@@ -64,17 +65,26 @@ class FactorizedQuantizer(nn.Module):
         self.register_buffer("embed_sum", codebook.clone())  # EMA of summed vectors
         self.register_buffer("initted", torch.tensor(not kmeans_init))
 
-    def forward(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, dim, h, w) → (quantised (B, dim, h, w), codes (B, h, w), commitment loss)."""
+    def forward(
+        self, latents: torch.Tensor, quantize: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, dim, h, w) → (quantised (B, dim, h, w), codes (B, h, w), commitment loss).
+
+        With `quantize` False the l2-normalised vectors pass through unquantised (the
+        warm-up before `kmeans_init`); codes are still the nearest ones.
+        """
         b, _, h, w = latents.shape
         x = F.normalize(self.project_in(latents.permute(0, 2, 3, 1).float()), dim=-1)
         flat = x.reshape(b * h * w, -1)
+        if not quantize:
+            codes = (flat.detach() @ self.codebook.t()).argmax(dim=-1).reshape(b, h, w)
+            return self.project_out(x).permute(0, 3, 1, 2), codes, flat.new_zeros(())
         if self.training and not bool(self.initted):
-            self._kmeans_init(flat.detach())
-        codes = (flat @ self.codebook.t()).argmax(dim=-1)  # cosine: both sides have unit norm
+            self.kmeans_init(flat.detach())
+        similarity, codes = (flat @ self.codebook.t()).max(dim=-1)  # cosine: unit norms
         quantized = self.codebook[codes]
         if self.training:
-            self._update(flat.detach(), codes)
+            self._update(flat.detach(), codes, similarity.detach())
         commit = F.mse_loss(flat, quantized.detach()) * self.commitment_weight
         quantized = flat + (quantized - flat).detach()  # straight-through estimator
         out = self.project_out(quantized.reshape(b, h, w, -1)).permute(0, 3, 1, 2)
@@ -85,8 +95,15 @@ class FactorizedQuantizer(nn.Module):
         return self.project_out(self.codebook[codes]).permute(0, 3, 1, 2)
 
     @torch.no_grad()
-    def _kmeans_init(self, samples: torch.Tensor) -> None:
-        means = samples[_sample_rows(len(samples), self.codebook_size)]
+    def normalized(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, dim, h, w) → the l2-normalised lookup vectors (B * h * w, codebook_dim)."""
+        x = F.normalize(self.project_in(latents.permute(0, 2, 3, 1).float()), dim=-1)
+        return x.reshape(-1, x.shape[-1])
+
+    @torch.no_grad()
+    def kmeans_init(self, samples: torch.Tensor) -> None:
+        """Codebook ← k-means of unit vectors (N, codebook_dim), seeded by k-means++."""
+        means = _kmeans_pp(samples, self.codebook_size)
         counts = torch.zeros(self.codebook_size, device=samples.device)
         for _ in range(self.kmeans_iters):
             buckets = (samples @ means.t()).argmax(dim=-1)
@@ -101,14 +118,14 @@ class FactorizedQuantizer(nn.Module):
         self.initted.fill_(True)
 
     @torch.no_grad()
-    def _update(self, samples: torch.Tensor, codes: torch.Tensor) -> None:
+    def _update(self, samples: torch.Tensor, codes: torch.Tensor, similarity: torch.Tensor) -> None:
         counts = torch.bincount(codes, minlength=self.codebook_size).to(samples.dtype)
         sums = torch.zeros_like(self.embed_sum).index_add_(0, codes, samples)
         self.cluster_size.lerp_(counts, 1 - self.decay)
         self.embed_sum.lerp_(sums, 1 - self.decay)
         self._refresh_codebook()
         if self.dead_code_threshold > 0:
-            self._reseed_dead_codes(samples)
+            self._reseed_dead_codes(samples, similarity)
 
     def _refresh_codebook(self) -> None:
         """Code vectors from the EMAs, with Laplace smoothing so that no count is zero."""
@@ -116,20 +133,36 @@ class FactorizedQuantizer(nn.Module):
         smoothed = (self.cluster_size + _EPS) / (total + self.codebook_size * _EPS) * total
         self.codebook.copy_(F.normalize(self.embed_sum / smoothed[:, None], dim=-1))
 
-    def _reseed_dead_codes(self, samples: torch.Tensor) -> None:
+    def _reseed_dead_codes(self, samples: torch.Tensor, similarity: torch.Tensor) -> None:
         dead = (self.cluster_size < self.dead_code_threshold).nonzero().flatten()
         if not len(dead):
             return
         # At most one batch vector per dead code, without replacement: the rest wait a step.
+        # Drawn in proportion to how badly their codes fit them: re-seeding from uniform
+        # draws mostly copies plain-background vectors, which already have codes.
         dead = dead[torch.randperm(len(dead), device=dead.device)[: len(samples)]]
-        fresh = samples[_sample_rows(len(samples), len(dead))]
+        error = (1 - similarity).clamp(min=0) + 1e-6
+        fresh = samples[torch.multinomial(error, len(dead), replacement=False)]
         self.codebook[dead] = fresh
         self.cluster_size[dead] = self.dead_code_threshold
         self.embed_sum[dead] = fresh * self.dead_code_threshold
 
 
-def _sample_rows(available: int, wanted: int) -> torch.Tensor:
-    """`wanted` row indices out of `available`: distinct when there are enough rows."""
-    if available >= wanted:
-        return torch.randperm(available)[:wanted]
-    return torch.randint(0, available, (wanted,))
+def _kmeans_pp(samples: torch.Tensor, k: int) -> torch.Tensor:
+    """k seeds by D² sampling (Arthur & Vassilvitskii 2007) in cosine distance.
+
+    Seeds are drawn in rounds of as many as there are so far (as k-means||, Bahmani et al.
+    2012, oversamples), each with probability growing with its distance to the nearest seed,
+    so rare vectors (a shape's outlines among plain backgrounds) get codes of their own
+    instead of near-copies of the common ones.
+    """
+    means = samples[torch.randint(len(samples), (1,))]
+    nearest = torch.full((len(samples),), float("inf"), device=samples.device)
+    fresh = means
+    while len(means) < k:
+        nearest = torch.minimum(nearest, (1 - samples @ fresh.t()).amin(dim=1).clamp(min=0))
+        wanted = min(k - len(means), len(means))
+        pick = torch.multinomial(nearest + 1e-12, wanted, replacement=len(samples) < wanted)
+        fresh = samples[pick]
+        means = torch.cat([means, fresh])
+    return means

@@ -85,7 +85,7 @@ class PatchEncoder(nn.Module):
 
     def __init__(self, cfg: ImageTokenizerConfig):
         super().__init__()
-        width = _widths(cfg)[-1]
+        width = cfg.channels
         layers: list[nn.Module] = [nn.Conv2d(3, width, cfg.downsample, stride=cfg.downsample)]
         for _ in range(max(1, cfg.res_blocks) * 2):
             layers.append(_PointwiseBlock(width))
@@ -127,6 +127,26 @@ class ConvDecoder(nn.Module):
             layers += [nn.Upsample(scale_factor=2.0), nn.Conv2d(here, there, 3, padding=1)]
             layers += [ResBlock(there, there) for _ in range(cfg.res_blocks)]
         layers += [_norm(widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], 3, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.net(latents)  # (B, 3, H, W)
+
+
+class GridDecoder(nn.Module):
+    """Convs at the code grid, then each position's features → its own downsample² pixels.
+
+    As ViT-VQGAN's decoder ends (a linear map from each token to its patch's pixels), but
+    with 3x3 convs for context: the width sits where the codes are, which on a CPU is
+    several times cheaper than convs at full resolution, and sharper at the same cost.
+    """
+
+    def __init__(self, cfg: ImageTokenizerConfig):
+        super().__init__()
+        f, width = cfg.downsample, cfg.channels
+        layers: list[nn.Module] = [nn.Conv2d(cfg.latent_dim, width, 3, padding=1)]
+        layers += [ResBlock(width, width) for _ in range(cfg.res_blocks)]
+        layers += [_norm(width), nn.SiLU(), nn.Conv2d(width, 3 * f * f, 1), nn.PixelShuffle(f)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
@@ -201,7 +221,7 @@ class VQGAN(nn.Module):
             self.encoder: nn.Module = ViTEncoder(config, image_size)
             self.decoder: nn.Module = ViTDecoder(config, image_size)
         elif config.architecture == "patch":
-            self.encoder, self.decoder = PatchEncoder(config), ConvDecoder(config)
+            self.encoder, self.decoder = PatchEncoder(config), GridDecoder(config)
         else:
             self.encoder, self.decoder = ConvEncoder(config), ConvDecoder(config)
         self.quantizer = FactorizedQuantizer(
@@ -214,9 +234,11 @@ class VQGAN(nn.Module):
             commitment_weight=config.commitment_weight,
         )
 
-    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def encode(
+        self, images: torch.Tensor, quantize: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Images → (quantised latents (B, D, h, w), codes (B, h, w), commitment loss)."""
-        return self.quantizer(self.encoder(images))
+        return self.quantizer(self.encoder(images), quantize)
 
     def decode(self, quantized: torch.Tensor) -> torch.Tensor:
         return self.decoder(quantized)
@@ -225,14 +247,18 @@ class VQGAN(nn.Module):
         """Codes (B, h, w) → images (B, 3, H, W) in about [-1, 1]."""
         return self.decode(self.quantizer.lookup(codes))
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        quantized, codes, commit = self.encode(images)
+    def forward(
+        self, images: torch.Tensor, quantize: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        quantized, codes, commit = self.encode(images, quantize)
         return self.decode(quantized), codes, commit
 
     @property
     def last_layer(self) -> torch.Tensor:
         """The decoder's output weights, where VQGAN balances the GAN and reconstruction grads."""
-        head = self.decoder.out if isinstance(self.decoder, ViTDecoder) else self.decoder.net[-1]
+        if isinstance(self.decoder, ViTDecoder):
+            return self.decoder.out.weight
+        head = [m for m in self.decoder.net if isinstance(m, nn.Conv2d)][-1]
         return head.weight
 
     def save_pretrained(self, out_dir: str | Path) -> Path:

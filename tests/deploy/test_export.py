@@ -53,7 +53,9 @@ def test_dynamic_axes_batch_and_past_length(exported, bundle):
     ort_ids, ort_mask, ort_null = runtime.encode_prompts(prompts)
     assert np.array_equal(ort_ids, ids.numpy()) and np.array_equal(ort_null, null.numpy())
     seeds = list(range(6))
-    expected = generate_codes(model.parti, ids, mask, seeds, guidance_scale=1.0, temperature=0)
+    expected = generate_codes(
+        model.parti, ids, mask, seeds, guidance_scale=1.0, temperature=0, null=null
+    )
     got = runtime.generate_codes(ort_ids, ort_mask, ort_null, seeds, guidance_scale=1.0,
                                  temperature=0.0)  # fmt: skip
     assert np.array_equal(got, expected.numpy())

@@ -1,9 +1,12 @@
 import dataclasses
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from parti_ops.model.checkpoint import (
     CheckpointError,
@@ -13,11 +16,13 @@ from parti_ops.model.checkpoint import (
     save_checkpoint,
 )
 from parti_ops.model.config import ImageTokenizerConfig
+from parti_ops.model.quantizer import FactorizedQuantizer, _kmeans_pp
 from parti_ops.model.scenes import render, sample_scene
 from parti_ops.model.vqgan import VQGAN, PerceptualLoss, to_uint8, to_unit
 from parti_ops.model.vqgan_train import (
     CHECKPOINTS,
     batch_indices,
+    edge_weights,
     evaluate_vqgan,
     lr_factor,
     reconstruction_grid,
@@ -40,6 +45,8 @@ TINY = ImageTokenizerConfig(
     disc_channels=8,
     checkpoint_every=2,
     ema_decay=0.9,
+    quantize_after=0.0,
+    kmeans_images=16,
 )
 
 
@@ -145,6 +152,79 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path):
     ).read_bytes()
     for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_sigterm_and_resume_across_the_codebook_fit_equal_uninterrupted_training(tmp_path):
+    # Quantisation (and the k-means fit of the codebook) starts at step 4 of 8; the run
+    # is stopped at step 3 by SIGTERM, so the resumed run does the fit.
+    config = dataclasses.replace(TINY, steps=8, quantize_after=0.5)
+    images = _images(24)
+    whole = train_vqgan(config, images, tmp_path / "whole")
+
+    def stop_at_three(step, total):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(SystemExit) as stopped:
+        train_vqgan(config, images, tmp_path / "split", progress=stop_at_three)
+    assert stopped.value.code == 143
+    assert latest_checkpoint(tmp_path / "split" / CHECKPOINTS)[2]["step"] == 3
+    resumed = train_vqgan(config, images, tmp_path / "split", resume=True)
+    assert bool(resumed.quantizer.initted)
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_the_codebook_is_fitted_when_quantisation_starts(tmp_path):
+    config = dataclasses.replace(
+        TINY, steps=4, quantize_after=0.5, checkpoint_every=1, keep_checkpoints=4
+    )
+    model = train_vqgan(config, _images(8), tmp_path)
+    fitted = [
+        bool(load_checkpoint(path)[0]["model.quantizer.initted"])
+        for path in list_checkpoints(tmp_path / CHECKPOINTS)
+    ]
+    assert fitted == [False, False, True, True]  # unquantised warm-up for 2 of 4 steps
+    torch.testing.assert_close(
+        model.quantizer.codebook.norm(dim=-1), torch.ones(config.codebook_size)
+    )
+
+
+def test_edge_weights_favour_outlines_and_average_one():
+    images = -torch.ones(1, 3, 8, 8)
+    images[:, 0, 1:6, 1:6] = 1.0  # a red 5x5 square on black
+    weight = edge_weights(images, extra=4.0)
+    assert weight.shape == (1, 1, 8, 8)
+    assert float(weight.mean()) == pytest.approx(1.0)
+    assert weight[0, 0, 0, 0] == weight[0, 0, 1, 1] == weight.max()  # both sides of the rim
+    assert weight[0, 0, 3, 3] == weight[0, 0, 7, 7] == weight.min()  # inside and outside
+    assert weight.max() == pytest.approx(5 * weight.min())
+    assert torch.equal(edge_weights(-torch.ones(1, 3, 4, 4), 4.0), torch.ones(1, 1, 4, 4))
+
+
+def test_kmeans_seeds_give_rare_vectors_codes_of_their_own():
+    torch.manual_seed(0)
+    rare = F.normalize(torch.randn(5, 8), dim=-1)
+    common = F.normalize(torch.randn(1, 8), dim=-1).expand(1000, 8)
+    seeds = _kmeans_pp(torch.cat([common, rare]), 6)
+    distinct = {tuple(v.tolist()) for v in torch.cat([common[:1], rare])}
+    assert {tuple(v.tolist()) for v in seeds} == distinct  # uniform draws would miss them
+
+
+def test_dead_codes_are_reseeded_from_badly_fitted_vectors():
+    torch.manual_seed(0)
+    quantizer = FactorizedQuantizer(
+        dim=8, codebook_size=4, codebook_dim=8, decay=0.99, kmeans_init=False,
+        dead_code_threshold=0.5, commitment_weight=0.25,
+    ).train()  # fmt: skip
+    fitted = quantizer.codebook[0].clone()
+    odd = F.normalize(torch.randn(8), dim=0)
+    samples = torch.cat([fitted.expand(99, 8), odd[None]])
+    similarity = (samples @ quantizer.codebook.t()).amax(dim=-1)
+    quantizer.cluster_size.fill_(1.0)
+    quantizer.cluster_size[3] = 0.0  # code 3 is dead
+    quantizer._reseed_dead_codes(samples, similarity)
+    torch.testing.assert_close(quantizer.codebook[3], odd)  # not one of the 99 fitted ones
 
 
 def test_existing_checkpoints_need_resume_and_a_matching_config(tmp_path):
