@@ -74,11 +74,11 @@ class FactorizedQuantizer(nn.Module):
         warm-up before `kmeans_init`); codes are still the nearest ones.
         """
         b, _, h, w = latents.shape
-        x = F.normalize(self.project_in(latents.permute(0, 2, 3, 1).float()), dim=-1)
-        flat = x.reshape(b * h * w, -1)
+        flat = self.normalized(latents)
         if not quantize:
             codes = (flat.detach() @ self.codebook.t()).argmax(dim=-1).reshape(b, h, w)
-            return self.project_out(x).permute(0, 3, 1, 2), codes, flat.new_zeros(())
+            out = self.project_out(flat.reshape(b, h, w, -1)).permute(0, 3, 1, 2)
+            return out, codes, flat.new_zeros(())
         if self.training and not bool(self.initted):
             self.kmeans_init(flat.detach())
         similarity, codes = (flat @ self.codebook.t()).max(dim=-1)  # cosine: unit norms
@@ -94,7 +94,6 @@ class FactorizedQuantizer(nn.Module):
         """Codes (B, h, w) → quantised feature maps (B, dim, h, w), as `forward` returns them."""
         return self.project_out(self.codebook[codes]).permute(0, 3, 1, 2)
 
-    @torch.no_grad()
     def normalized(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, dim, h, w) → the l2-normalised lookup vectors (B * h * w, codebook_dim)."""
         x = F.normalize(self.project_in(latents.permute(0, 2, 3, 1).float()), dim=-1)
