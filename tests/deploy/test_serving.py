@@ -17,7 +17,13 @@ from tritonclient.utils import InferenceServerException
 
 from parti_ops.deploy.client import ClientError, generate
 from parti_ops.deploy.runtime import OnnxTextToImage
-from parti_ops.deploy.triton import add_version, served_version, update_served_version
+from parti_ops.deploy.server import TritonServer
+from parti_ops.deploy.triton import (
+    add_version,
+    served_version,
+    set_served_version,
+    update_served_version,
+)
 from parti_ops.model.scenes import Scene, compare, read_scene
 
 PROMPT = "a large red circle in the center, on a white background"
@@ -43,6 +49,22 @@ def test_http_and_grpc_serve_what_the_model_samples(server, exported):
     assert isinstance(scene, Scene)
     assert set(compare(scene, read_scene(local[0]))) >= {"background", "shape", "exact"}
     assert compare(scene, read_scene(local[0]))["exact"]
+
+
+def test_served_images_show_what_their_prompts_ask_for(faithful, deploy_config, tmp_path):
+    """The whole loop on the server conditions each image on its own prompt."""
+    repo = tmp_path / "repository"
+    add_version(repo, faithful["dir"], 1, deploy_config.serve, sample=deploy_config.sample)
+    set_served_version(repo, deploy_config.serve, 1)
+    prompts = list(faithful["scenes"])
+    with TritonServer(repo, deploy_config.serve) as server:
+        batched, _ = generate(server.http_url, prompts, seed=3)  # one request, four prompts
+        with ThreadPoolExecutor(len(prompts)) as pool:  # four requests at once
+            alone = list(pool.map(lambda p: generate(server.grpc_url, [p], seed=5)[0][0], prompts))
+    for prompt, http_image, grpc_image in zip(prompts, batched, alone, strict=True):
+        for image in (http_image, grpc_image):
+            read = read_scene(image)
+            assert read == faithful["scenes"][prompt], f"{prompt!r}: the image shows {read}"
 
 
 def _raw(server, inputs: list[tuple[str, np.ndarray, str]], protocol=http):
