@@ -3,7 +3,8 @@
 Its output folder (weights, config, a copy of the caption tokenizer, a report) is what
 the evaluator uses for CLIP score and FID features, and the sampler for reranking. The
 report gives its retrieval accuracy on held-out pairs: how often an image's own caption
-ranks first among 10.
+ranks first among 10; and, where rows carry a scene, how often it beats a near miss, the
+same caption with one attribute changed (per attribute).
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from parti_ops.components.shards import write_json
-from parti_ops.components.tokenizers import load_pairs
+from parti_ops.components.tokenizers import load_captioned
 from parti_ops.components.versioning import files_digest
+from parti_ops.model.scenes import NEAR_MISSES, Scene, describe, near_misses
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,15 @@ def scorer_version(folder: str | Path) -> str:
     return files_digest(folder, SCORER_FILES)
 
 
+def near_miss_captions(scenes: list[Scene | None], seed: int) -> list[list[str]]:
+    """For each row with a scene, the captions of its near misses (`near_misses`)."""
+    rng = np.random.default_rng(seed)
+    return [
+        [describe(miss, rng) for miss in near_misses(scene, rng)] if scene else []
+        for scene in scenes
+    ]
+
+
 def scorer_step(
     config_json: str, parent_run_id: str, data_dir: str, text_tokenizer_dir: str, out_dir: str
 ) -> dict[str, Any]:
@@ -39,13 +52,18 @@ def scorer_step(
     from parti_ops.components.progress import progress_bar
     from parti_ops.components.tracking import step_run
     from parti_ops.model.config import Config
-    from parti_ops.model.scorer import load_scorer, retrieval_accuracy, train_scorer
+    from parti_ops.model.scorer import (
+        load_scorer,
+        near_miss_accuracy,
+        retrieval_accuracy,
+        train_scorer,
+    )
 
     config = Config.from_json(config_json)
     cfg = config.scorer
     out = Path(out_dir)
     with step_run(config, "scorer", parent_run_id) as run:
-        images, captions = load_pairs(data_dir, "train")
+        images, captions, scenes = load_captioned(data_dir, "train")
         if len(images) < 2:
             raise ScorerError(
                 f"{data_dir}: the scorer needs captioned rows in split 'train' (has"
@@ -61,16 +79,23 @@ def scorer_step(
                 config.text_tokenizer.max_length,
                 out,
                 progress=update,
+                negatives=near_miss_captions(scenes, cfg.seed) if cfg.hard_negatives else None,
             )
         model, processor = load_scorer(out)
         report: dict[str, Any] = {"train_pairs": len(images), "steps": cfg.steps}
         for split in ("validation", "test"):
-            held, held_captions = load_pairs(data_dir, split)
+            held, held_captions, held_scenes = load_captioned(data_dir, split)
             if len(held) >= RETRIEVAL_CANDIDATES:
                 report[f"{split}/retrieval_top1_of_{RETRIEVAL_CANDIDATES}"] = retrieval_accuracy(
                     model, processor, held, held_captions, RETRIEVAL_CANDIDATES, seed=cfg.seed
                 )
                 report[f"{split}/pairs"] = len(held)
+            # Other misses than any trained against: a seed of their own.
+            misses = near_miss_captions(held_scenes, cfg.seed + 1)
+            if any(misses):
+                shares = near_miss_accuracy(model, processor, held, held_captions, misses)
+                for kind, share in zip(NEAR_MISSES, shares, strict=False):
+                    report[f"{split}/beats_near_miss_{kind}"] = share
         report["version"] = scorer_version(out)
         write_json(out / REPORT, report)
         run.log(

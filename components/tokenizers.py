@@ -71,15 +71,27 @@ def load_images(data_dir: str | Path, split: str) -> tuple[torch.Tensor, list[Sc
 
 def load_pairs(data_dir: str | Path, split: str) -> tuple[torch.Tensor, list[str]]:
     """The (image, caption) pairs of a split: uint8 (N, H, W, 3) and N captions."""
-    images, captions = [], []
-    for table in iter_split(data_dir, split, ["image", "caption"]):
-        for image, caption in zip(
-            table["image"].to_pylist(), table["caption"].to_pylist(), strict=True
+    images, captions, _ = load_captioned(data_dir, split)
+    return images, captions
+
+
+def load_captioned(
+    data_dir: str | Path, split: str
+) -> tuple[torch.Tensor, list[str], list[Scene | None]]:
+    """`load_pairs` with each pair's scene where its row has one (see `load_images`)."""
+    images, captions, scenes = [], [], []
+    for table in iter_split(data_dir, split, ["image", "caption", "metadata"]):
+        for image, caption, metadata in zip(
+            table["image"].to_pylist(),
+            table["caption"].to_pylist(),
+            table["metadata"].to_pylist(),
+            strict=True,
         ):
             if caption:
                 images.append(decode_png(image))
                 captions.append(caption)
-    return _as_tensor(images), captions
+                scenes.append(parse_scene(metadata))
+    return _as_tensor(images), captions, scenes
 
 
 def _as_tensor(images: list[np.ndarray]) -> torch.Tensor:

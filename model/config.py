@@ -386,6 +386,10 @@ class ScorerConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     weight_decay: float = 0.01
+    # Rows that carry a scene also train against their near misses' captions (one
+    # attribute changed): without them, a shape-changed caption scored below the true one
+    # for 72.5 % of validation images.
+    hard_negatives: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:

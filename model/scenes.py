@@ -10,7 +10,7 @@ machine-checkable stand-in for the human ratings of PartiPrompts (Yu et al., 202
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -253,6 +253,35 @@ def describe(scene: Scene, rng: np.random.Generator) -> str:
         background=scene.background,
         count=_COUNTS.get(len(phrases), f"{len(phrases)} shapes"),
     )
+
+
+NEAR_MISSES = ("background", "shape", "colour", "size", "position")  # what each miss changes
+
+
+def near_misses(scene: Scene, rng: np.random.Generator) -> list[Scene]:
+    """The scene with one attribute changed, once per attribute (`NEAR_MISSES`, in order):
+    the background, and an object's shape, colour, size and cell. A scene without objects
+    has only the first. Their captions are the hard negatives a scorer
+    learns to tell apart from the true one (as in NegCLIP, Yuksekgonul et al. 2023). No
+    miss shows a held-out (colour, shape) pair, so training never names one.
+    """
+    others = [b for b in BACKGROUNDS if b != scene.background]
+    misses = [Scene(others[int(rng.integers(len(others)))], scene.objects)]
+    if not scene.objects:
+        return misses
+    target = scene.objects[int(rng.integers(len(scene.objects)))]
+    taken, held = {o.position for o in scene.objects}, heldout_pairs()
+    options = {
+        "shape": [s for s in SHAPES if s != target.shape and (target.colour, s) not in held],
+        "colour": [c for c in COLOURS if c != target.colour and (c, target.shape) not in held],
+        "size": [z for z in SIZES if z != target.size],
+        "position": [p for p in POSITIONS if p not in taken],
+    }
+    for name, values in options.items():
+        changed = replace(target, **{name: values[int(rng.integers(len(values)))]})
+        objects = tuple(changed if o is target else o for o in scene.objects)
+        misses.append(Scene(scene.background, objects))
+    return misses
 
 
 def prompt_suite(count: int, seed: int = 0) -> list[tuple[str, Scene]]:

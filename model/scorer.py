@@ -190,6 +190,7 @@ def train_scorer(
     length: int,
     out_dir: str | Path,
     progress: Callable[[int, int], None] | None = None,
+    negatives: Sequence[Sequence[str]] | None = None,
 ) -> ImageTextScorer:
     """Train on (image, caption) pairs with CLIP's symmetric InfoNCE loss; save to `out_dir`.
 
@@ -201,6 +202,9 @@ def train_scorer(
         captions: N captions.
         tokenizer_dir: the caption tokenizer (a transformers fast tokenizer folder).
         length: captions are cut to this many tokens.
+        negatives: for each pair, captions that are nearly right and wrong (hard negatives,
+            possibly none). Each step, every image is also told apart from one of its own,
+            drawn by (seed, step): an extra column of the image-to-text loss.
     """
     import shutil
 
@@ -209,6 +213,15 @@ def train_scorer(
     tokenizer = load_text_tokenizer(tokenizer_dir)
     text = ScorerProcessor(tokenizer, length)(text=list(captions))
     ids_t, mask = text["input_ids"], text["attention_mask"]
+    if negatives is not None and len(negatives) != len(captions):
+        raise ValueError(
+            f"{len(negatives)} lists of negatives for {len(captions)} pairs: need one each"
+        )
+    hard = (
+        _HardNegatives(negatives, tokenizer, length, config.seed)
+        if negatives and any(negatives)
+        else None
+    )
     torch.manual_seed(config.seed)
     model = ImageTextScorer(config=config, vocab=len(tokenizer), length=length)
     optimizer = torch.optim.AdamW(
@@ -221,9 +234,15 @@ def train_scorer(
             group["lr"] = config.lr * lr_factor(step, config)
         rows = batch_indices(step, batch, len(images), config.seed)
         width = max(1, int(mask[rows].sum(dim=1).max()))
-        logits = model(images[rows], ids_t[rows, :width], mask[rows, :width])
+        img = F.normalize(model.get_image_features(images[rows]), dim=-1)
+        txt = F.normalize(model.get_text_features(ids_t[rows, :width], mask[rows, :width]), dim=-1)
+        scale = model.logit_scale.exp().clamp(max=100)
+        logits = scale * img @ txt.t()
+        image_to_text = logits
+        if hard is not None:
+            image_to_text = torch.cat([logits, hard.logits(model, img, scale, rows, step)], 1)
         target = torch.arange(batch)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        loss = (F.cross_entropy(image_to_text, target) + F.cross_entropy(logits.t(), target)) / 2
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -238,6 +257,31 @@ def train_scorer(
     return model
 
 
+class _HardNegatives:
+    """Each pair's hard-negative captions, tokenised once, and one drawn per row and step."""
+
+    def __init__(self, negatives: Sequence[Sequence[str]], tokenizer, length: int, seed: int):
+        self.count = torch.tensor([len(row) for row in negatives])
+        self.first = torch.cumsum(self.count, 0) - self.count
+        text = ScorerProcessor(tokenizer, length)(text=[c for row in negatives for c in row])
+        self.ids, self.mask = text["input_ids"], text["attention_mask"]
+        self.seed = seed
+
+    def logits(self, model, img: torch.Tensor, scale: torch.Tensor, rows, step: int):
+        """(B, 1): each image against one of its negatives; -inf where it has none."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        draw = torch.randint(1 << 30, (len(rows),), generator=generator)
+        has = self.count[rows] > 0
+        pick = self.first[rows] + draw % self.count[rows].clamp(min=1)
+        ids, mask = self.ids[pick[has]], self.mask[pick[has]]
+        width = max(1, int(mask.sum(dim=1).max())) if len(ids) else 1
+        out = torch.full((len(rows), 1), float("-inf"))
+        if has.any():
+            txt = F.normalize(model.get_text_features(ids[:, :width], mask[:, :width]), dim=-1)
+            out[has, 0] = scale * (img[has] * txt).sum(-1)
+        return out
+
+
 @torch.inference_mode()
 def similarity(
     model: ImageTextScorer,
@@ -247,15 +291,7 @@ def similarity(
     batch_size: int = 256,
 ) -> torch.Tensor:
     """Cosine similarity (N, M) of N uint8 images with M captions."""
-    img = torch.cat(
-        [
-            F.normalize(model.get_image_features(images[i : i + batch_size]), dim=-1)
-            for i in range(0, len(images), batch_size)
-        ]
-    )
-    text = processor(text=list(captions))
-    txt = F.normalize(model.get_text_features(text["input_ids"], text["attention_mask"]), dim=-1)
-    return img @ txt.t()
+    return _image_rows(model, images, batch_size) @ _text_rows(model, processor, captions).t()
 
 
 def retrieval_accuracy(
@@ -283,3 +319,42 @@ def retrieval_accuracy(
         rivals = [j for j in others.tolist() if captions[j] != captions[i]]
         hits += bool((scores[i, rivals] < scores[i, i]).all())
     return hits / n
+
+
+@torch.inference_mode()
+def near_miss_accuracy(
+    model: ImageTextScorer,
+    processor: ScorerProcessor,
+    images: torch.Tensor,
+    captions: Sequence[str],
+    misses: Sequence[Sequence[str]],
+) -> list[float]:
+    """For each k, the share of images whose own caption scores above its k-th near miss.
+
+    Args:
+        misses: per image, its near-miss captions in one fixed order; images with fewer
+            than k + 1 are left out of the k-th share.
+    """
+    img = _image_rows(model, images)
+    shares = []
+    for k in range(max((len(m) for m in misses), default=0)):
+        rows = [i for i, m in enumerate(misses) if len(m) > k]
+        true = _text_rows(model, processor, [captions[i] for i in rows])
+        miss = _text_rows(model, processor, [misses[i][k] for i in rows])
+        wins = (img[rows] * true).sum(-1) > (img[rows] * miss).sum(-1)
+        shares.append(wins.float().mean().item())
+    return shares
+
+
+def _image_rows(model: ImageTextScorer, images: torch.Tensor, batch_size: int = 256):
+    return torch.cat(
+        [
+            F.normalize(model.get_image_features(images[i : i + batch_size]), dim=-1)
+            for i in range(0, len(images), batch_size)
+        ]
+    )
+
+
+def _text_rows(model: ImageTextScorer, processor: ScorerProcessor, captions: Sequence[str]):
+    text = processor(text=list(captions))
+    return F.normalize(model.get_text_features(text["input_ids"], text["attention_mask"]), dim=-1)

@@ -17,10 +17,12 @@ from parti_ops.components.evaluate import (
     evaluate_bundle,
 )
 from parti_ops.components.scorer import REPORT as SCORER_REPORT
-from parti_ops.components.scorer import scorer_step
-from parti_ops.components.tokenizers import load_pairs
+from parti_ops.components.scorer import near_miss_captions, scorer_step
+from parti_ops.components.tokenizers import load_captioned, load_pairs
 from parti_ops.model.config import Config
 from parti_ops.model.generate import TextToImage
+from parti_ops.model.scenes import NEAR_MISSES
+from parti_ops.model.scorer import train_scorer
 
 SCORER = {
     "scorer.steps": 120,
@@ -89,6 +91,30 @@ def test_re_evaluating_a_bundle_gives_identical_numbers_and_reuses_fid_reference
                             root / "e3", refs)  # fmt: skip
     assert third["key"]["evaluator"] != first["key"]["evaluator"]  # other settings: not comparable
     assert third["key"]["data_digest"] == first["key"]["data_digest"]
+
+
+def test_hard_negatives_train_only_the_rows_that_have_them(setup, inputs, tmp_path):
+    images, captions, scenes = load_captioned(inputs["accepted"], "train")
+    misses = near_miss_captions(scenes, seed=0)
+    assert all(len(m) == len(NEAR_MISSES) for m in misses)  # every synthetic row has its five
+    assert misses == near_miss_captions(scenes, seed=0) != near_miss_captions(scenes, seed=1)
+    cfg = dataclasses.replace(setup["config"].scorer, steps=6)
+
+    def weights(name: str, negatives) -> dict[str, torch.Tensor]:
+        args = (cfg, images, captions, inputs["text"], 24, tmp_path / name)
+        return train_scorer(*args, negatives=negatives).state_dict()
+
+    plain, none_given, taught = (
+        weights("plain", None), weights("none", [[]] * len(captions)), weights("taught", misses)
+    )  # fmt: skip
+    assert all(torch.equal(plain[k], none_given[k]) for k in plain)  # an empty list: no column
+    assert not all(torch.equal(plain[k], taught[k]) for k in plain)
+    with pytest.raises(ValueError, match="1 lists of negatives for"):
+        weights("short", misses[:1])
+    report = setup["report"]
+    for split in ("validation", "test"):
+        for kind in NEAR_MISSES:
+            assert 0 <= report[f"{split}/beats_near_miss_{kind}"] <= 1
 
 
 def test_reranking_keeps_the_candidate_the_scorer_likes_best(setup):

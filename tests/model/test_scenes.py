@@ -19,6 +19,7 @@ from parti_ops.model.scenes import (
     compare,
     describe,
     heldout_pairs,
+    near_misses,
     read_scene,
     render,
     sample_scene,
@@ -186,3 +187,22 @@ def test_compare_scores_each_attribute():
         "binding",
         "exact",
     }
+
+
+def test_near_misses_change_one_attribute_each_and_never_show_a_heldout_pair():
+    rng = np.random.default_rng(3)
+    held = heldout_pairs()
+    for _ in range(200):
+        scene = sample_scene(rng, heldout=False)
+        misses = near_misses(scene, rng)
+        changed = []
+        for miss in misses:
+            assert miss != scene
+            assert all((o.colour, o.shape) not in held for o in miss.objects)
+            wrong = [k for k, ok in compare(miss, scene).items() if not ok]
+            changed.append(sorted(set(wrong) - {"exact", "binding"}))
+        # The background, then one object's shape, colour, size and cell.
+        assert changed[0] == ["background"]
+        assert changed[1:] == [["shape"], ["colour"], ["size"], ["position"]]
+        assert all(miss.background == scene.background for miss in misses[1:])
+        assert all(len(miss.objects) == len(scene.objects) for miss in misses)
