@@ -3,8 +3,8 @@
 Its output folder (weights, config, a copy of the caption tokenizer, a report) is what
 the evaluator uses for CLIP score and FID features, and the sampler for reranking. The
 report gives its retrieval accuracy on held-out pairs: how often an image's own caption
-ranks first among 10; and, where rows carry a scene, how often it beats a near miss, the
-same caption with one attribute changed (per attribute).
+ranks first among 10; and, where rows carry a scene, how often a caption of it scores
+above the same caption with one attribute changed (per attribute).
 """
 
 from __future__ import annotations
@@ -37,12 +37,32 @@ def scorer_version(folder: str | Path) -> str:
 
 
 def near_miss_captions(scenes: list[Scene | None], seed: int) -> list[list[str]]:
-    """For each row with a scene, the captions of its near misses (`near_misses`)."""
+    """For each row with a scene, the captions of its near misses (`near_misses`), each
+    phrased at random, as training captions are."""
     rng = np.random.default_rng(seed)
     return [
         [describe(miss, rng) for miss in near_misses(scene, rng)] if scene else []
         for scene in scenes
     ]
+
+
+def near_miss_pairs(scenes: list[Scene | None], seed: int) -> list[list[tuple[str, str]]]:
+    """For each row with a scene, (its caption, a near miss's caption) per `NEAR_MISSES`,
+    both phrased alike, so that the one changed attribute is all that tells them apart."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for scene in scenes:
+        row = []
+        for miss in near_misses(scene, rng) if scene else []:
+            phrasing = int(rng.integers(1 << 62))
+            row.append(
+                (
+                    describe(scene, np.random.default_rng(phrasing)),
+                    describe(miss, np.random.default_rng(phrasing)),
+                )
+            )
+        pairs.append(row)
+    return pairs
 
 
 def scorer_step(
@@ -90,10 +110,9 @@ def scorer_step(
                     model, processor, held, held_captions, RETRIEVAL_CANDIDATES, seed=cfg.seed
                 )
                 report[f"{split}/pairs"] = len(held)
-            # Other misses than any trained against: a seed of their own.
-            misses = near_miss_captions(held_scenes, cfg.seed + 1)
-            if any(misses):
-                shares = near_miss_accuracy(model, processor, held, held_captions, misses)
+            pairs = near_miss_pairs(held_scenes, cfg.seed)
+            if any(pairs):
+                shares = near_miss_accuracy(model, processor, held, pairs)
                 for kind, share in zip(NEAR_MISSES, shares, strict=False):
                     report[f"{split}/beats_near_miss_{kind}"] = share
         report["version"] = scorer_version(out)

@@ -387,8 +387,8 @@ class ScorerConfig:
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     weight_decay: float = 0.01
     # Rows that carry a scene also train against their near misses' captions (one
-    # attribute changed): without them, a shape-changed caption scored below the true one
-    # for 72.5 % of validation images.
+    # attribute changed). Tiny preset, validation images: the true caption beat a
+    # shape-changed one for 81 % with them, 73 % without; a colour-changed one 97 % / 90 %.
     hard_negatives: bool = True
     seed: int = 0
 

@@ -109,9 +109,19 @@ class ImageTextScorer(nn.Module):
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Logits (B, B): image i against caption j, scaled cosine similarity."""
-        img = F.normalize(self.get_image_features(images), dim=-1)
-        txt = F.normalize(self.get_text_features(ids, mask), dim=-1)
-        return self.logit_scale.exp().clamp(max=100) * img @ txt.t()
+        return self.scale() * self.image_embeddings(images) @ self.text_embeddings(ids, mask).t()
+
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images → (B, E) unit vectors."""
+        return F.normalize(self.get_image_features(images), dim=-1)
+
+    def text_embeddings(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids and mask → (B, E) unit vectors."""
+        return F.normalize(self.get_text_features(ids, mask), dim=-1)
+
+    def scale(self) -> torch.Tensor:
+        """CLIP's learned temperature, capped at 100."""
+        return self.logit_scale.exp().clamp(max=100)
 
     def save_pretrained(self, folder: str | Path) -> None:
         from safetensors.torch import save_file
@@ -234,13 +244,13 @@ def train_scorer(
             group["lr"] = config.lr * lr_factor(step, config)
         rows = batch_indices(step, batch, len(images), config.seed)
         width = max(1, int(mask[rows].sum(dim=1).max()))
-        img = F.normalize(model.get_image_features(images[rows]), dim=-1)
-        txt = F.normalize(model.get_text_features(ids_t[rows, :width], mask[rows, :width]), dim=-1)
-        scale = model.logit_scale.exp().clamp(max=100)
-        logits = scale * img @ txt.t()
+        img = model.image_embeddings(images[rows])
+        logits = (
+            model.scale() * img @ model.text_embeddings(ids_t[rows, :width], mask[rows, :width]).t()
+        )
         image_to_text = logits
         if hard is not None:
-            image_to_text = torch.cat([logits, hard.logits(model, img, scale, rows, step)], 1)
+            image_to_text = torch.cat([logits, hard.logits(model, img, rows, step)], dim=1)
         target = torch.arange(batch)
         loss = (F.cross_entropy(image_to_text, target) + F.cross_entropy(logits.t(), target)) / 2
         optimizer.zero_grad(set_to_none=True)
@@ -260,15 +270,20 @@ def train_scorer(
 class _HardNegatives:
     """Each pair's hard-negative captions, tokenised once, and one drawn per row and step."""
 
-    def __init__(self, negatives: Sequence[Sequence[str]], tokenizer, length: int, seed: int):
+    def __init__(
+        self, negatives: Sequence[Sequence[str]], tokenizer: Any, length: int, seed: int
+    ) -> None:
         self.count = torch.tensor([len(row) for row in negatives])
         self.first = torch.cumsum(self.count, 0) - self.count
         text = ScorerProcessor(tokenizer, length)(text=[c for row in negatives for c in row])
         self.ids, self.mask = text["input_ids"], text["attention_mask"]
         self.seed = seed
 
-    def logits(self, model, img: torch.Tensor, scale: torch.Tensor, rows, step: int):
-        """(B, 1): each image against one of its negatives; -inf where it has none."""
+    def logits(
+        self, model: ImageTextScorer, img: torch.Tensor, rows: torch.Tensor, step: int
+    ) -> torch.Tensor:
+        """(B, 1): image embeddings `img` of batch `rows` against one negative each, scaled;
+        -inf where a row has none."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         draw = torch.randint(1 << 30, (len(rows),), generator=generator)
         has = self.count[rows] > 0
@@ -277,8 +292,8 @@ class _HardNegatives:
         width = max(1, int(mask.sum(dim=1).max())) if len(ids) else 1
         out = torch.full((len(rows), 1), float("-inf"))
         if has.any():
-            txt = F.normalize(model.get_text_features(ids[:, :width], mask[:, :width]), dim=-1)
-            out[has, 0] = scale * (img[has] * txt).sum(-1)
+            txt = model.text_embeddings(ids[:, :width], mask[:, :width])
+            out[has, 0] = model.scale() * (img[has] * txt).sum(-1)
         return out
 
 
@@ -326,35 +341,40 @@ def near_miss_accuracy(
     model: ImageTextScorer,
     processor: ScorerProcessor,
     images: torch.Tensor,
-    captions: Sequence[str],
-    misses: Sequence[Sequence[str]],
+    pairs: Sequence[Sequence[tuple[str, str]]],
 ) -> list[float]:
-    """For each k, the share of images whose own caption scores above its k-th near miss.
+    """For each k, the share of images whose k-th (true, near miss) caption pair it scores
+    in the right order: the true caption higher.
 
     Args:
-        misses: per image, its near-miss captions in one fixed order; images with fewer
-            than k + 1 are left out of the k-th share.
+        pairs: per image, (its caption, a near miss's caption) pairs in one fixed order;
+            images with fewer than k + 1 are left out of the k-th share.
     """
     img = _image_rows(model, images)
     shares = []
-    for k in range(max((len(m) for m in misses), default=0)):
-        rows = [i for i, m in enumerate(misses) if len(m) > k]
-        true = _text_rows(model, processor, [captions[i] for i in rows])
-        miss = _text_rows(model, processor, [misses[i][k] for i in rows])
-        wins = (img[rows] * true).sum(-1) > (img[rows] * miss).sum(-1)
-        shares.append(wins.float().mean().item())
+    for k in range(max((len(p) for p in pairs), default=0)):
+        rows = [i for i, p in enumerate(pairs) if len(p) > k]
+        true = _text_rows(model, processor, [pairs[i][k][0] for i in rows])
+        miss = _text_rows(model, processor, [pairs[i][k][1] for i in rows])
+        shares.append(
+            ((img[rows] * true).sum(-1) > (img[rows] * miss).sum(-1)).float().mean().item()
+        )
     return shares
 
 
-def _image_rows(model: ImageTextScorer, images: torch.Tensor, batch_size: int = 256):
+def _image_rows(
+    model: ImageTextScorer, images: torch.Tensor, batch_size: int = 256
+) -> torch.Tensor:
     return torch.cat(
         [
-            F.normalize(model.get_image_features(images[i : i + batch_size]), dim=-1)
+            model.image_embeddings(images[i : i + batch_size])
             for i in range(0, len(images), batch_size)
         ]
     )
 
 
-def _text_rows(model: ImageTextScorer, processor: ScorerProcessor, captions: Sequence[str]):
+def _text_rows(
+    model: ImageTextScorer, processor: ScorerProcessor, captions: Sequence[str]
+) -> torch.Tensor:
     text = processor(text=list(captions))
-    return F.normalize(model.get_text_features(text["input_ids"], text["attention_mask"]), dim=-1)
+    return model.text_embeddings(text["input_ids"], text["attention_mask"])

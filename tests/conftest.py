@@ -49,33 +49,44 @@ def small() -> dict:
 
 
 @pytest.fixture(scope="session")
-def inputs(tmp_path_factory) -> dict[str, Path]:
-    """Accepted data, both tokenizers and the encoded rows of a 100-image synthetic set."""
+def prepare():
+    """`prepare(config, raw, root)`: ingest, validate, both tokenizers and encoding of the
+    imagefolder `raw` into folders under `root`; returns their paths."""
     from parti_ops.components.encode import encode_step
     from parti_ops.components.ingest import ingest
-    from parti_ops.components.synth import synthesize
     from parti_ops.components.tokenizers import image_tokenizer_step, text_tokenizer_step
     from parti_ops.components.validate import validate
+
+    def run(config: Config, raw: Path, root: Path) -> dict[str, Path]:
+        ingest(raw, root / "canonical", config.data)
+        validate(root / "canonical", root / "validated", config.data)
+        accepted = root / "validated" / "accepted"
+        paths = {
+            "accepted": accepted,
+            "text": root / "text",
+            "image": root / "image",
+            "encoded": root / "encoded",
+        }
+        text_tokenizer_step(config.to_json(), "", str(accepted), str(paths["text"]))
+        image_tokenizer_step(config.to_json(), "", str(accepted), str(paths["image"]))
+        encode_step(
+            config.to_json(), "", str(accepted), str(paths["text"]), str(paths["image"]),
+            str(paths["encoded"]),
+        )  # fmt: skip
+        return paths
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def inputs(tmp_path_factory, prepare) -> dict[str, Path]:
+    """Accepted data, both tokenizers and the encoded rows of a 100-image synthetic set."""
+    from parti_ops.components.synth import synthesize
 
     root = tmp_path_factory.mktemp("parti")
     config = Config.load("tiny", overrides={**SMALL, "data.num_images": 100})
     synthesize(root / "raw", config.data)
-    ingest(root / "raw", root / "canonical", config.data)
-    validate(root / "canonical", root / "validated", config.data)
-    accepted = root / "validated" / "accepted"
-    paths = {
-        "accepted": accepted,
-        "text": root / "text",
-        "image": root / "image",
-        "encoded": root / "encoded",
-    }
-    text_tokenizer_step(config.to_json(), "", str(accepted), str(paths["text"]))
-    image_tokenizer_step(config.to_json(), "", str(accepted), str(paths["image"]))
-    encode_step(
-        config.to_json(), "", str(accepted), str(paths["text"]), str(paths["image"]),
-        str(paths["encoded"]),
-    )  # fmt: skip
-    return paths
+    return prepare(config, root / "raw", root)
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from parti_ops.components.tokenizers import load_captioned, load_pairs
 from parti_ops.model.config import Config
 from parti_ops.model.generate import TextToImage
 from parti_ops.model.scenes import NEAR_MISSES
-from parti_ops.model.scorer import train_scorer
+from parti_ops.model.scorer import _HardNegatives, load_scorer, similarity, train_scorer
 
 SCORER = {
     "scorer.steps": 120,
@@ -104,17 +104,33 @@ def test_hard_negatives_train_only_the_rows_that_have_them(setup, inputs, tmp_pa
         args = (cfg, images, captions, inputs["text"], 24, tmp_path / name)
         return train_scorer(*args, negatives=negatives).state_dict()
 
-    plain, none_given, taught = (
-        weights("plain", None), weights("none", [[]] * len(captions)), weights("taught", misses)
-    )  # fmt: skip
-    assert all(torch.equal(plain[k], none_given[k]) for k in plain)  # an empty list: no column
+    plain, taught = weights("plain", None), weights("taught", misses)
     assert not all(torch.equal(plain[k], taught[k]) for k in plain)
     with pytest.raises(ValueError, match="1 lists of negatives for"):
         weights("short", misses[:1])
+
+    # A row without negatives gets a column of -inf (no term); a row with two, either one.
+    model, processor = load_scorer(setup["scorer"])
+    rows = [["a large red circle in the center"], [], ["a small blue star", "a green cross"]]
+    hard = _HardNegatives(rows, processor.tokenizer, model.length, seed=0)
+    img = model.image_embeddings(images[:3])
+    own = [
+        similarity(model, processor, images[i : i + 1], row) for i, row in enumerate(rows) if row
+    ]
+    drawn = set()
+    with torch.no_grad():
+        for step in range(20):
+            out = hard.logits(model, img, torch.arange(3), step)
+            assert out.shape == (3, 1) and torch.isneginf(out[1, 0])
+            assert torch.isclose(out[0, 0], model.scale() * own[0][0, 0])
+            third = out[2, 0] / model.scale()
+            drawn |= {k for k in range(2) if torch.isclose(third, own[1][0, k], atol=1e-6)}
+    assert drawn == {0, 1}
+
     report = setup["report"]
-    for split in ("validation", "test"):
-        for kind in NEAR_MISSES:
-            assert 0 <= report[f"{split}/beats_near_miss_{kind}"] <= 1
+    for split in ("validation", "test"):  # every attribute's share; backgrounds learnt first
+        assert {f"{split}/beats_near_miss_{kind}" for kind in NEAR_MISSES} <= set(report)
+        assert report[f"{split}/beats_near_miss_background"] >= 0.8
 
 
 def test_reranking_keeps_the_candidate_the_scorer_likes_best(setup):

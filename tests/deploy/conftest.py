@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from parti_ops.components.synth import METADATA, SPLITS
 from parti_ops.model.config import Config
 from parti_ops.model.scenes import Scene, SceneObject, render
 
@@ -92,7 +93,7 @@ FAITHFUL = {
 def _write_scenes(out: Path, image_size: int) -> None:
     """An imagefolder of `FAITHFUL_SCENES`: one drawing of each per split, no two alike."""
     rng, seen = np.random.default_rng(0), set()
-    for split in ("train", "validation", "test"):
+    for split in SPLITS:
         (out / split).mkdir(parents=True)
         rows = []
         for index, (caption, scene) in enumerate(FAITHFUL_SCENES.items()):
@@ -102,37 +103,27 @@ def _write_scenes(out: Path, image_size: int) -> None:
             seen.add(hashlib.sha256(image.tobytes()).digest())
             image.save(out / split / f"{index:05d}.png")
             rows.append({"file_name": f"{index:05d}.png", "text": caption, **scene.to_dict()})
-        (out / split / "metadata.jsonl").write_text(
+        (out / split / METADATA).write_text(
             "".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8"
         )
 
 
 @pytest.fixture(scope="session")
-def faithful(small, tmp_path_factory) -> dict:
+def faithful(small, prepare, tmp_path_factory) -> dict:
     """Every step from data to `parti export onnx`, on `FAITHFUL_SCENES`: a model that follows
     its prompts, so what a server makes of a prompt can be checked against it.
 
     Returns `{"dir": the export, "scenes": {caption: Scene}}`.
     """
-    from parti_ops.components.encode import encode_step
-    from parti_ops.components.ingest import ingest
-    from parti_ops.components.tokenizers import image_tokenizer_step, text_tokenizer_step
     from parti_ops.components.train import train_step
-    from parti_ops.components.validate import validate
     from parti_ops.deploy.onnx import export_onnx
 
     root = tmp_path_factory.mktemp("faithful")
     config = Config.load("tiny", overrides={**small, **FAITHFUL, "work_dir": str(root / "work")})
     _write_scenes(root / "raw", config.data.image_size)
-    ingest(root / "raw", root / "canonical", config.data)
-    validate(root / "canonical", root / "validated", config.data)
-    accepted = str(root / "validated" / "accepted")
-    dirs = {name: str(root / name) for name in ("text", "image", "encoded", "bundle")}
-    text_tokenizer_step(config.to_json(), "", accepted, dirs["text"])
-    image_tokenizer_step(config.to_json(), "", accepted, dirs["image"])
-    encode_step(config.to_json(), "", accepted, dirs["text"], dirs["image"], dirs["encoded"])
+    paths = {k: str(v) for k, v in prepare(config, root / "raw", root).items()}
     train_step(
-        config.to_json(), "", dirs["encoded"], dirs["text"], dirs["image"], dirs["bundle"]
+        config.to_json(), "", paths["encoded"], paths["text"], paths["image"], str(root / "bundle")
     )  # fmt: skip
-    export_onnx(dirs["bundle"], root / "onnx", config.export)
+    export_onnx(root / "bundle", root / "onnx", config.export)
     return {"dir": root / "onnx", "scenes": FAITHFUL_SCENES}
