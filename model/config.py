@@ -131,6 +131,11 @@ class ImageTokenizerConfig:
     # the l2-normalised space read back 88 % of held-out scenes after 1000 steps at 64
     # dimensions, 83 % at 32 and 16, and 98 % without the normalisation.
     codebook_dim: int = 64
+    # `project_out` reads the unit lookup vectors times sqrt(codebook_dim), entries of
+    # about ±1 instead of ±1/8, so that Adam moves its outputs as fast as other layers'.
+    # An autoencoder through the normalised space, 1000 steps: held-out oracle exact
+    # 90.5 % with it, 80.3 % without.
+    scaled_lookup: bool = True
     # EMA of the code vectors and of their counts. A slow EMA keeps a count for codes used
     # once in tens of batches (a shape's rarer outlines), which a fast one would call dead.
     codebook_decay: float = 0.99

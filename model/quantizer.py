@@ -38,6 +38,7 @@ class FactorizedQuantizer(nn.Module):
         dead_code_threshold: re-seed codes whose EMA count falls below this (0: never).
         commitment_weight: weight of the loss pulling the projected vectors to their codes.
         kmeans_iters: Lloyd iterations of the k-means initialisation.
+        out_scale: `project_out` reads the unit vectors times this.
     """
 
     def __init__(
@@ -51,11 +52,12 @@ class FactorizedQuantizer(nn.Module):
         dead_code_threshold: float,
         commitment_weight: float,
         kmeans_iters: int = 10,
+        out_scale: float = 1.0,
     ):
         super().__init__()
         self.codebook_size, self.decay = codebook_size, decay
         self.dead_code_threshold, self.commitment_weight = dead_code_threshold, commitment_weight
-        self.kmeans_iters = kmeans_iters
+        self.kmeans_iters, self.out_scale = kmeans_iters, out_scale
         same = codebook_dim == dim
         self.project_in = nn.Identity() if same else nn.Linear(dim, codebook_dim)
         self.project_out = nn.Identity() if same else nn.Linear(codebook_dim, dim)
@@ -77,8 +79,7 @@ class FactorizedQuantizer(nn.Module):
         flat = self.normalized(latents)
         if not quantize:
             codes = (flat.detach() @ self.codebook.t()).argmax(dim=-1).reshape(b, h, w)
-            out = self.project_out(flat.reshape(b, h, w, -1)).permute(0, 3, 1, 2)
-            return out, codes, flat.new_zeros(())
+            return self._out(flat.reshape(b, h, w, -1)), codes, flat.new_zeros(())
         if self.training and not bool(self.initted):
             self.kmeans_init(flat.detach())
         similarity, codes = (flat @ self.codebook.t()).max(dim=-1)  # cosine: unit norms
@@ -87,12 +88,15 @@ class FactorizedQuantizer(nn.Module):
             self._update(flat.detach(), codes, similarity.detach())
         commit = F.mse_loss(flat, quantized.detach()) * self.commitment_weight
         quantized = flat + (quantized - flat).detach()  # straight-through estimator
-        out = self.project_out(quantized.reshape(b, h, w, -1)).permute(0, 3, 1, 2)
-        return out, codes.reshape(b, h, w), commit
+        return self._out(quantized.reshape(b, h, w, -1)), codes.reshape(b, h, w), commit
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (B, h, w) → quantised feature maps (B, dim, h, w), as `forward` returns them."""
-        return self.project_out(self.codebook[codes]).permute(0, 3, 1, 2)
+        return self._out(self.codebook[codes])
+
+    def _out(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Unit vectors (B, h, w, codebook_dim) → feature maps (B, dim, h, w)."""
+        return self.project_out(vectors * self.out_scale).permute(0, 3, 1, 2)
 
     def normalized(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, dim, h, w) → the l2-normalised lookup vectors (B * h * w, codebook_dim)."""

@@ -232,6 +232,7 @@ class VQGAN(nn.Module):
             kmeans_init=config.kmeans_init,
             dead_code_threshold=config.dead_code_threshold,
             commitment_weight=config.commitment_weight,
+            out_scale=config.codebook_dim**0.5 if config.scaled_lookup else 1.0,
         )
 
     def encode(
@@ -282,6 +283,8 @@ class VQGAN(nn.Module):
         folder = Path(path)
         try:
             body = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+            # Folders written before the option existed hold tokenizers without it.
+            body["image_tokenizer"].setdefault("scaled_lookup", False)
             config = ImageTokenizerConfig(**body["image_tokenizer"])
             model = cls(config=config, image_size=int(body["image_size"]))
             model.load_state_dict(load_file(folder / WEIGHTS))

@@ -101,6 +101,27 @@ def test_save_and_load_give_the_same_codes(tmp_path):
         VQGAN.from_pretrained(tmp_path / "missing")
 
 
+def test_the_decoder_reads_scaled_unit_vectors_and_older_folders_load_unscaled(tmp_path):
+    model = VQGAN(config=TINY, image_size=16).train()
+    model(to_unit(_images(8, seed=1)))
+    model.eval()
+    codes = model.encode(to_unit(_images(2)))[1]
+    project_out = model.quantizer.project_out
+    expected = project_out(model.quantizer.codebook[codes] * TINY.codebook_dim**0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(model.quantizer.lookup(codes), expected.permute(0, 3, 1, 2))
+    # A folder saved before `scaled_lookup` existed: its decoder read the unit vectors.
+    model.save_pretrained(tmp_path)
+    body = json.loads((tmp_path / "config.json").read_text())
+    del body["image_tokenizer"]["scaled_lookup"]
+    (tmp_path / "config.json").write_text(json.dumps(body))
+    old = VQGAN.from_pretrained(tmp_path)
+    assert not old.config.scaled_lookup
+    with torch.no_grad():
+        unscaled = project_out(model.quantizer.codebook[codes]).permute(0, 3, 1, 2)
+        torch.testing.assert_close(old.quantizer.lookup(codes), unscaled)
+
+
 def test_batches_visit_every_image_once_per_epoch():
     seen = torch.cat([batch_indices(step, 4, 10, seed=3) for step in range(5)])  # 2 epochs
     assert sorted(seen[:10].tolist()) == list(range(10))
