@@ -261,10 +261,9 @@ NEAR_MISSES = ("background", "shape", "colour", "size", "position")  # what each
 def near_misses(scene: Scene, rng: np.random.Generator) -> list[Scene]:
     """The scene with one attribute changed, once per attribute (`NEAR_MISSES`, in order):
     the background, and an object's shape, colour, size and cell. A scene without objects
-    has only the first. Their captions are the hard negatives a scorer
-    learns to tell apart from the true one (as in NegCLIP, Yuksekgonul et al. 2023). No
-    change makes a held-out (colour, shape) pair, so the misses of training scenes never
-    name one.
+    has only the first. Their captions are the hard negatives a scorer learns to tell
+    apart from the true one (as in NegCLIP, Yuksekgonul et al. 2023). No change makes a
+    held-out (colour, shape) pair, so the misses of training scenes never name one.
     """
     others = [b for b in BACKGROUNDS if b != scene.background]
     misses = [Scene(others[int(rng.integers(len(others)))], scene.objects)]

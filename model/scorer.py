@@ -288,10 +288,10 @@ class _HardNegatives:
         draw = torch.randint(1 << 30, (len(rows),), generator=generator)
         has = self.count[rows] > 0
         pick = self.first[rows] + draw % self.count[rows].clamp(min=1)
-        ids, mask = self.ids[pick[has]], self.mask[pick[has]]
-        width = max(1, int(mask.sum(dim=1).max())) if len(ids) else 1
         out = torch.full((len(rows), 1), float("-inf"))
         if has.any():
+            ids, mask = self.ids[pick[has]], self.mask[pick[has]]
+            width = max(1, int(mask.sum(dim=1).max()))
             txt = model.text_embeddings(ids[:, :width], mask[:, :width])
             out[has, 0] = model.scale() * (img[has] * txt).sum(-1)
         return out

@@ -86,7 +86,6 @@ FAITHFUL = {
     "train.warmup_steps": 10,
     "train.checkpoint_every": 200,
     "train.log_every": 50,
-    "export.int8_prompts": 8,
 }
 
 
@@ -97,10 +96,12 @@ def _write_scenes(out: Path, image_size: int) -> None:
         (out / split).mkdir(parents=True)
         rows = []
         for index, (caption, scene) in enumerate(FAITHFUL_SCENES.items()):
-            image = render(scene, image_size=image_size, rng=rng)
-            while hashlib.sha256(image.tobytes()).digest() in seen:  # validation quarantines
-                image = render(scene, image_size=image_size, rng=rng)  # duplicate images
-            seen.add(hashlib.sha256(image.tobytes()).digest())
+            while True:  # validation quarantines duplicate images
+                image = render(scene, image_size=image_size, rng=rng)
+                digest = hashlib.sha256(image.tobytes()).digest()
+                if digest not in seen:
+                    break
+            seen.add(digest)
             image.save(out / split / f"{index:05d}.png")
             rows.append({"file_name": f"{index:05d}.png", "text": caption, **scene.to_dict()})
         (out / split / METADATA).write_text(
