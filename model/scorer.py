@@ -214,7 +214,8 @@ def train_scorer(
         length: captions are cut to this many tokens.
         negatives: for each pair, captions that are nearly right and wrong (hard negatives,
             possibly none). Each step, every image is also told apart from one of its own,
-            drawn by (seed, step): an extra column of the image-to-text loss.
+            drawn by (seed, step): an extra column of the image-to-text loss
+            (`negatives_per_step` distinct ones: as many columns).
     """
     import shutil
 
@@ -228,7 +229,7 @@ def train_scorer(
             f"{len(negatives)} lists of negatives for {len(captions)} pairs: need one each"
         )
     hard = (
-        _HardNegatives(negatives, tokenizer, length, config.seed)
+        _HardNegatives(negatives, tokenizer, length, config.seed, config.negatives_per_step)
         if negatives and any(negatives)
         else None
     )
@@ -268,32 +269,41 @@ def train_scorer(
 
 
 class _HardNegatives:
-    """Each pair's hard-negative captions, tokenised once, and one drawn per row and step."""
+    """Each pair's hard-negative captions, tokenised once, and `per_step` distinct ones
+    drawn per row and step."""
 
     def __init__(
-        self, negatives: Sequence[Sequence[str]], tokenizer: Any, length: int, seed: int
+        self,
+        negatives: Sequence[Sequence[str]],
+        tokenizer: Any,
+        length: int,
+        seed: int,
+        per_step: int = 1,
     ) -> None:
         self.count = torch.tensor([len(row) for row in negatives])
         self.first = torch.cumsum(self.count, 0) - self.count
         text = ScorerProcessor(tokenizer, length)(text=[c for row in negatives for c in row])
         self.ids, self.mask = text["input_ids"], text["attention_mask"]
-        self.seed = seed
+        self.seed, self.per_step = seed, per_step
 
     def logits(
         self, model: ImageTextScorer, img: torch.Tensor, rows: torch.Tensor, step: int
     ) -> torch.Tensor:
-        """(B, 1): image embeddings `img` of batch `rows` against one negative each, scaled;
-        -inf where a row has none."""
+        """(B, per_step): image embeddings `img` of batch `rows` against distinct negatives
+        of their own, scaled; -inf where a row has fewer."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        draw = torch.randint(1 << 30, (len(rows),), generator=generator)
-        has = self.count[rows] > 0
-        pick = self.first[rows] + draw % self.count[rows].clamp(min=1)
-        out = torch.full((len(rows), 1), float("-inf"))
+        draw = torch.randint(1 << 30, (len(rows), 1), generator=generator)
+        count = self.count[rows, None]
+        offset = torch.arange(self.per_step)[None, :]  # consecutive offsets stay distinct
+        has = offset < count
+        pick = self.first[rows, None] + (draw + offset) % count.clamp(min=1)
+        out = torch.full((len(rows), self.per_step), float("-inf"))
         if has.any():
             ids, mask = self.ids[pick[has]], self.mask[pick[has]]
             width = max(1, int(mask.sum(dim=1).max()))
             txt = model.text_embeddings(ids[:, :width], mask[:, :width])
-            out[has, 0] = model.scale() * (img[has] * txt).sum(-1)
+            own = img[:, None, :].expand(-1, self.per_step, -1)[has]
+            out[has] = model.scale() * (own * txt).sum(-1)
         return out
 
 

@@ -126,6 +126,14 @@ def test_hard_negatives_train_only_the_rows_that_have_them(setup, inputs, tmp_pa
             third = out[2, 0] / model.scale()
             drawn |= {k for k in range(2) if torch.isclose(third, own[1][0, k], atol=1e-6)}
     assert drawn == {0, 1}
+    # Two per step: a row with two gets both, a row with one gets it and -inf.
+    both = _HardNegatives(rows, processor.tokenizer, model.length, seed=0, per_step=2)
+    with torch.no_grad():
+        out = both.logits(model, img, torch.arange(3), step=0) / model.scale()
+    assert out.shape == (3, 2) and torch.isneginf(out[1]).all() and torch.isneginf(out[0, 1])
+    assert torch.isclose(out[0, 0], own[0][0, 0], atol=1e-6)
+    third = out[2].sort().values
+    assert torch.allclose(third, own[1][0].sort().values, atol=1e-6)
 
     report = setup["report"]
     for split in ("validation", "test"):  # every attribute's share; backgrounds learnt first
