@@ -213,9 +213,9 @@ def train_scorer(
         tokenizer_dir: the caption tokenizer (a transformers fast tokenizer folder).
         length: captions are cut to this many tokens.
         negatives: for each pair, captions that are nearly right and wrong (hard negatives,
-            possibly none). Each step, every image is also told apart from one of its own,
-            drawn by (seed, step): an extra column of the image-to-text loss
-            (`negatives_per_step` distinct ones: as many columns).
+            possibly none). Each step, every image is also told apart from
+            `config.negatives_per_step` distinct ones of its own, drawn by (seed, step):
+            as many extra columns of the image-to-text loss.
     """
     import shutil
 
