@@ -23,7 +23,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -233,7 +233,9 @@ def evaluate_bundle(
     features = FeatureModel.load(config.scorer.clip_model or feature_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ev, settings = config.evaluate, config.sample
+    ev = config.evaluate
+    # The evaluator's own seed, not `sample.seed` (the default of `parti generate`).
+    settings = replace(config.sample, seed=ev.seed)
     torch.manual_seed(ev.seed)
     metrics: dict[str, float] = {}
 

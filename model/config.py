@@ -400,7 +400,11 @@ class ScorerConfig:
     # attribute changed). Tiny preset, validation images: the true caption beat a
     # shape-changed one for 81 % with them, 73 % without; a colour-changed one 97 % / 90 %.
     hard_negatives: bool = True
-    negatives_per_step: int = 1  # near misses per image and step, distinct, up to all
+    # Near misses per image and step, distinct, up to all five. Tiny preset, held-out
+    # images: a shape-changed caption beaten 83 % (test) / 86 % (validation) with 5, 79 % /
+    # 81 % with 1; and only with 5 did reranking 4 candidates raise exact fidelity
+    # (2400-step decoder: 20.5 % → 29 %; with 1, on a 2700-step one, 28.5 % either way).
+    negatives_per_step: int = 5
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -427,7 +431,7 @@ class EvaluateConfig:
     prompts: int = 100  # held-out captions sampled per split (validation, test)
     fid_images: int = 600  # real held-out images in the FID reference statistics
     batch_size: int = 64
-    seed: int = 0
+    seed: int = 0  # held-out prompt i is sampled with seed + i (the other settings: `sample`)
 
     def __post_init__(self) -> None:
         for name in ("prompts", "fid_images", "batch_size"):

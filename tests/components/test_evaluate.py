@@ -30,6 +30,9 @@ SCORER = {
     "scorer.batch_size": 16,
     "scorer.channels": 4,
     "scorer.embed_dim": 16,
+    # One near miss per step: in 120 steps of 16, five outweigh the in-batch pairs that
+    # the retrieval test below checks are learnt.
+    "scorer.negatives_per_step": 1,
     "scorer.text_width": 32,
     "scorer.text_layers": 1,
     "evaluate.prompts": 4,
@@ -84,13 +87,14 @@ def test_re_evaluating_a_bundle_gives_identical_numbers_and_reuses_fid_reference
     assert "| fidelity |" in (root / "e1" / REPORT).read_text()
     assert (root / "e1" / SAMPLES).stat().st_size > 0
 
-    other = dataclasses.replace(
-        config, sample=dataclasses.replace(config.sample, guidance_scale=1.0)
-    )
+    # The evaluator's seed, not `sample.seed`, seeds its samples.
+    other = dataclasses.replace(config, evaluate=dataclasses.replace(config.evaluate, seed=1))
     third = evaluate_bundle(other, root / "bundle", inputs["accepted"], setup["scorer"],
                             root / "e3", refs)  # fmt: skip
     assert third["key"]["evaluator"] != first["key"]["evaluator"]  # other settings: not comparable
     assert third["key"]["data_digest"] == first["key"]["data_digest"]
+    assert (root / "e3" / SAMPLES).read_bytes() != (root / "e1" / SAMPLES).read_bytes()
+    assert third["metrics"]["heldout_bits_per_token"] == metrics["heldout_bits_per_token"]
 
 
 def test_hard_negatives_train_only_the_rows_that_have_them(setup, inputs, tmp_path):
