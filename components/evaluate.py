@@ -35,7 +35,7 @@ from parti_ops.components.scorer import scorer_version
 from parti_ops.components.shards import HELDOUT_SPLITS, read_manifest, write_json
 from parti_ops.components.tokenizers import iter_split, load_pairs, parse_scene
 from parti_ops.components.versioning import files_digest
-from parti_ops.model.config import Config
+from parti_ops.model.config import Config, SampleConfig
 from parti_ops.model.scenes import compare, read_scene
 from parti_ops.model.scorer import TEXT_TOKENIZER, load_scorer
 
@@ -191,12 +191,18 @@ def heldout_prompts(data_dir: str | Path, split: str, limit: int) -> list[tuple[
     return pairs
 
 
+def evaluator_sampling(config: Config) -> SampleConfig:
+    """The settings the evaluator samples with: `sample`'s, with the evaluator's own seed
+    (`sample.seed` is the default of `parti generate`)."""
+    return replace(config.sample, seed=config.evaluate.seed)
+
+
 def evaluation_key(config: Config, data_dir: str | Path, features: FeatureModel) -> dict[str, str]:
     """What makes two evaluations comparable: the held-out data and the evaluator."""
     evaluator = {
         "feature_model": features.version,
         "evaluate": asdict(config.evaluate),
-        "sample": asdict(config.sample),
+        "sample": asdict(evaluator_sampling(config)),
     }
     blob = json.dumps(evaluator, sort_keys=True).encode()
     return {
@@ -233,9 +239,7 @@ def evaluate_bundle(
     features = FeatureModel.load(config.scorer.clip_model or feature_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ev = config.evaluate
-    # The evaluator's own seed, not `sample.seed` (the default of `parti generate`).
-    settings = replace(config.sample, seed=ev.seed)
+    ev, settings = config.evaluate, evaluator_sampling(config)
     torch.manual_seed(ev.seed)
     metrics: dict[str, float] = {}
 

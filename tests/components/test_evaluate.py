@@ -15,6 +15,7 @@ from parti_ops.components.evaluate import (
     EvaluationError,
     FeatureModel,
     evaluate_bundle,
+    evaluation_key,
 )
 from parti_ops.components.scorer import REPORT as SCORER_REPORT
 from parti_ops.components.scorer import near_miss_captions, scorer_step
@@ -95,6 +96,10 @@ def test_re_evaluating_a_bundle_gives_identical_numbers_and_reuses_fid_reference
     assert third["key"]["data_digest"] == first["key"]["data_digest"]
     assert (root / "e3" / SAMPLES).read_bytes() != (root / "e1" / SAMPLES).read_bytes()
     assert third["metrics"]["heldout_bits_per_token"] == metrics["heldout_bits_per_token"]
+    # ... so `sample.seed`, which it does not use, leaves evaluations comparable.
+    unused = dataclasses.replace(config, sample=dataclasses.replace(config.sample, seed=7))
+    features = FeatureModel.load(setup["scorer"])
+    assert evaluation_key(unused, inputs["accepted"], features) == first["key"]
 
 
 def test_hard_negatives_train_only_the_rows_that_have_them(setup, inputs, tmp_path):
