@@ -123,6 +123,9 @@ class ImageTokenizerConfig:
     # vit: model width.
     channels: int = 96
     res_blocks: int = 1  # conv: residual blocks per resolution; patch: at the code grid
+    # patch: residual 3x3 conv blocks in the encoder at the code grid, each widening what a
+    # code sees by one patch on every side; 0: each code sees only its own pixels.
+    encoder_context: int = 0
     vit_depth: int = 4  # vit: Transformer layers in the encoder and in the decoder
     vit_heads: int = 4
     latent_dim: int = 128
@@ -150,6 +153,9 @@ class ImageTokenizerConfig:
     # (a batch holds ~360 edge patches, so at most ~180 edge codes stay alive), 0.05 95 %.
     dead_code_threshold: float = 0.05
     commitment_weight: float = 0.25
+    # Gradients to the encoder through the rotation onto each code (Fifty et al. 2024)
+    # rather than straight through.
+    rotation_trick: bool = False
     # L2 alone by default: L1 pulls a code's pixels to the median of the patches it stands
     # for, which drops the thin tips that tell a small star or diamond from a circle.
     # Tiny preset, 3600 steps, held-out oracle exact: 94.7 % with 0, 90.3 % with 1 (PSNR
@@ -202,6 +208,7 @@ class ImageTokenizerConfig:
             f"{p}codebook_dim={self.codebook_dim}: use 1..latent_dim ({self.latent_dim})",
         )
         _check(self.res_blocks >= 0, f"{p}res_blocks must be >= 0")
+        _check(self.encoder_context >= 0, f"{p}encoder_context must be >= 0")
         # GroupNorm splits each width (x1, x2, x4) into min(32, width / 4) groups.
         for name in ("channels", "disc_channels"):
             width = getattr(self, name)

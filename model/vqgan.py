@@ -89,6 +89,7 @@ class PatchEncoder(nn.Module):
         layers: list[nn.Module] = [nn.Conv2d(3, width, cfg.downsample, stride=cfg.downsample)]
         for _ in range(max(1, cfg.res_blocks) * 2):
             layers.append(_PointwiseBlock(width))
+        layers += [_ContextBlock(width) for _ in range(cfg.encoder_context)]
         layers += [_ChannelNorm(width), nn.SiLU(), nn.Conv2d(width, cfg.latent_dim, 1)]
         self.net = nn.Sequential(*layers)
 
@@ -109,6 +110,25 @@ class _PointwiseBlock(nn.Module):
         self.body = nn.Sequential(
             _ChannelNorm(channels), nn.SiLU(), nn.Conv2d(channels, 2 * channels, 1), nn.SiLU(),
             nn.Conv2d(2 * channels, channels, 1),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class _ContextBlock(nn.Module):
+    """A residual 3x3 conv at the code grid: each code also sees its 8 neighbours' patches.
+
+    Edges are padded by repeating the border codes' features, so that a plain background
+    reads the same at the image's border as inside it.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        conv = nn.Conv2d(channels, channels, 3, padding=1, padding_mode="replicate")
+        self.body = nn.Sequential(
+            _ChannelNorm(channels), nn.SiLU(), conv,
+            _ChannelNorm(channels), nn.SiLU(), nn.Conv2d(channels, channels, 1),
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -233,6 +253,7 @@ class VQGAN(nn.Module):
             dead_code_threshold=config.dead_code_threshold,
             commitment_weight=config.commitment_weight,
             out_scale=config.codebook_dim**0.5 if config.scaled_lookup else 1.0,
+            rotation_trick=config.rotation_trick,
         )
 
     def encode(

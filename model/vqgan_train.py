@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 # Fields that shape the weights: a checkpoint made with others cannot be resumed.
 MODEL_FIELDS = {
-    "architecture", "downsample", "channels", "res_blocks", "vit_depth", "vit_heads",
-    "latent_dim", "codebook_size", "codebook_dim", "disc_channels", "image_size",
+    "architecture", "downsample", "channels", "res_blocks", "encoder_context", "vit_depth",
+    "vit_heads", "latent_dim", "codebook_size", "codebook_dim", "disc_channels", "image_size",
 }  # fmt: skip
 MetricsLogger = Callable[[dict[str, float], int], None]
 

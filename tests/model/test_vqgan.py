@@ -16,7 +16,7 @@ from parti_ops.model.checkpoint import (
     save_checkpoint,
 )
 from parti_ops.model.config import ImageTokenizerConfig
-from parti_ops.model.quantizer import FactorizedQuantizer, _kmeans_pp
+from parti_ops.model.quantizer import FactorizedQuantizer, _kmeans_pp, _rotate_onto
 from parti_ops.model.scenes import render, sample_scene
 from parti_ops.model.vqgan import VQGAN, PerceptualLoss, to_uint8, to_unit
 from parti_ops.model.vqgan_train import (
@@ -71,6 +71,31 @@ def test_codes_have_the_grid_shape_and_decode_back(architecture):
         from_codes = model.decode_codes(codes)
         assert from_codes.shape == (3, 3, 16, 16)
         torch.testing.assert_close(from_codes, model.decode(quantized), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("context", [0, 1])
+def test_encoder_context_decides_whether_a_code_sees_its_neighbours(context):
+    config = dataclasses.replace(TINY, architecture="patch", encoder_context=context)
+    encoder = VQGAN(config=config, image_size=16).eval().encoder
+    x = to_unit(_images(1))
+    changed = x.clone()
+    changed[..., :4, 4:8] = -changed[..., :4, 4:8]  # the patch right of the top-left one
+    with torch.no_grad():
+        before, after = encoder(x)[..., 0, 0], encoder(changed)[..., 0, 0]
+    assert torch.equal(before, after) == (context == 0)
+
+
+def test_rotation_trick_returns_the_codes_and_rotates_the_gradient():
+    torch.manual_seed(0)
+    vectors = F.normalize(torch.randn(5, 8), dim=-1).requires_grad_(True)
+    codes = F.normalize(torch.randn(5, 8), dim=-1)
+    out = _rotate_onto(vectors, codes)
+    torch.testing.assert_close(out, codes)
+    grad = torch.randn(5, 8)
+    out.backward(grad)
+    # A rotation keeps lengths, and it is not the straight-through identity.
+    torch.testing.assert_close(vectors.grad.norm(dim=-1), grad.norm(dim=-1))
+    assert not torch.allclose(vectors.grad, grad)
 
 
 def test_codebook_lookup_is_l2_normalised_in_the_low_dimensional_space():
