@@ -81,6 +81,7 @@ class PatchEncoder(nn.Module):
     With no context around the patch, equal patches get equal codes (a plain background
     is one code per colour wherever it is), which makes the code sequence far more
     predictable for the autoregressive decoder than a wide receptive field does.
+    `encoder_context` 3x3 blocks at the code grid widen that by a patch per block.
     """
 
     def __init__(self, cfg: ImageTokenizerConfig):

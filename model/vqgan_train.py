@@ -134,7 +134,9 @@ def train_vqgan(
     state = _State(config, size, device)
     if resume:
         path, tensors, meta = latest_checkpoint(ckpt_dir)
-        check_same_config(meta["config"], state.fingerprint(), MODEL_FIELDS, path)
+        # Checkpoints from before `encoder_context` existed were made without context.
+        saved = {"encoder_context": 0, **meta["config"]}
+        check_same_config(saved, state.fingerprint(), MODEL_FIELDS, path)
         state.restore(tensors, meta)
         log.info("resumed from %s (step %d of %d)", path, state.step, config.steps)
     else:
