@@ -134,8 +134,9 @@ def train_vqgan(
     state = _State(config, size, device)
     if resume:
         path, tensors, meta = latest_checkpoint(ckpt_dir)
-        # Checkpoints from before `encoder_context` existed were made without context.
-        saved = {"encoder_context": 0, **meta["config"]}
+        # A field added since the checkpoint was made reads as its default, which keeps
+        # the earlier behaviour (e.g. `encoder_context` 0: no context).
+        saved = {**dataclasses.asdict(ImageTokenizerConfig()), **meta["config"]}
         check_same_config(saved, state.fingerprint(), MODEL_FIELDS, path)
         state.restore(tensors, meta)
         log.info("resumed from %s (step %d of %d)", path, state.step, config.steps)
