@@ -114,9 +114,10 @@ class ImageTokenizerConfig:
     nearest of `codebook_size` codes (cosine similarity), whose index is the token.
     """
 
-    # "patch": an encoder that sees each code's own pixels only (equal patches, equal
-    # codes: predictable for the decoder) and a conv decoder at the code grid; "conv":
-    # VQGAN's conv encoder and decoder; "vit": ViT-VQGAN's Transformers.
+    # "patch": an encoder over each code's own pixels and, with `encoder_context`, its
+    # neighbours' (a narrow view keeps plain patches' codes predictable for the decoder)
+    # and a conv decoder at the code grid; "conv": VQGAN's conv encoder and decoder;
+    # "vit": ViT-VQGAN's Transformers.
     architecture: str = "patch"
     downsample: int = 4  # pixels per code along a side: a power of two
     # conv: width at full resolution, doubled per halving; patch: width at the code grid;
@@ -124,8 +125,11 @@ class ImageTokenizerConfig:
     channels: int = 96
     res_blocks: int = 1  # conv: residual blocks per resolution; patch: at the code grid
     # patch: residual 3x3 conv blocks in the encoder at the code grid, each widening what a
-    # code sees by one patch on every side; 0: each code sees only its own pixels.
-    encoder_context: int = 0
+    # code sees by one patch on every side; 0: each code sees only its own pixels. Tiny
+    # preset, 3600 steps, held-out oracle exact 97.7 % with 1, 94.7 % with 0; a decoder
+    # trained 900 steps on the codes of 1 drew the prompt's position in 38 % of held-out
+    # samples, against 1 % on those of 0, though at 0.73 bits per code against 0.41.
+    encoder_context: int = 1
     vit_depth: int = 4  # vit: Transformer layers in the encoder and in the decoder
     vit_heads: int = 4
     latent_dim: int = 128

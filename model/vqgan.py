@@ -28,6 +28,11 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 
+# Options added since the first tokenizers were saved, with the value that keeps the
+# behaviour of a folder or checkpoint written before them; their defaults differ.
+EARLIER = {"scaled_lookup": False, "encoder_context": 0}
+
+
 def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(min(32, channels // 4), channels)
 
@@ -76,12 +81,14 @@ class ConvEncoder(nn.Module):
 
 
 class PatchEncoder(nn.Module):
-    """Each code sees only its own downsample² pixels: a strided patch conv, then 1x1 blocks.
+    """A strided patch conv and 1x1 blocks, then `encoder_context` 3x3 blocks at the code grid.
 
-    With no context around the patch, equal patches get equal codes (a plain background
-    is one code per colour wherever it is), which makes the code sequence far more
-    predictable for the autoregressive decoder than a wide receptive field does.
-    `encoder_context` 3x3 blocks at the code grid widen that by a patch per block.
+    The patch conv and the 1x1 blocks see only each code's own downsample² pixels; each
+    3x3 block widens that by one patch on every side (the default, one block: a code also
+    sees its 8 neighbours' patches, enough to tell the thin tips of a small shape apart).
+    With no context, equal patches get equal codes (a plain background is one code per
+    colour wherever it is); a small context keeps plain patches far from any outline that
+    predictable, while a wide receptive field would not.
     """
 
     def __init__(self, cfg: ImageTokenizerConfig):
@@ -305,9 +312,7 @@ class VQGAN(nn.Module):
         folder = Path(path)
         try:
             body = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
-            # Folders written before the option existed hold tokenizers without it.
-            body["image_tokenizer"].setdefault("scaled_lookup", False)
-            config = ImageTokenizerConfig(**body["image_tokenizer"])
+            config = ImageTokenizerConfig(**{**EARLIER, **body["image_tokenizer"]})
             model = cls(config=config, image_size=int(body["image_size"]))
             model.load_state_dict(load_file(folder / WEIGHTS))
         except (OSError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as err:

@@ -34,7 +34,14 @@ from parti_ops.model.checkpoint import (
 from parti_ops.model.config import ImageTokenizerConfig
 from parti_ops.model.scenes import Scene, compare, read_scene
 from parti_ops.model.schedule import batch_indices, lr_factor
-from parti_ops.model.vqgan import VQGAN, PatchDiscriminator, PerceptualLoss, to_uint8, to_unit
+from parti_ops.model.vqgan import (
+    EARLIER,
+    VQGAN,
+    PatchDiscriminator,
+    PerceptualLoss,
+    to_uint8,
+    to_unit,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +141,8 @@ def train_vqgan(
     state = _State(config, size, device)
     if resume:
         path, tensors, meta = latest_checkpoint(ckpt_dir)
-        # A field added since the checkpoint was made reads as its default, which keeps
-        # the earlier behaviour (e.g. `encoder_context` 0: no context).
-        saved = {**dataclasses.asdict(ImageTokenizerConfig()), **meta["config"]}
+        # A field added since the checkpoint was made reads as its earlier behaviour.
+        saved = {**dataclasses.asdict(ImageTokenizerConfig()), **EARLIER, **meta["config"]}
         check_same_config(saved, state.fingerprint(), MODEL_FIELDS, path)
         state.restore(tensors, meta)
         log.info("resumed from %s (step %d of %d)", path, state.step, config.steps)

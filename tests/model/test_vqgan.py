@@ -127,7 +127,7 @@ def test_save_and_load_give_the_same_codes(tmp_path):
 
 
 def test_the_decoder_reads_scaled_unit_vectors_and_older_folders_load_unscaled(tmp_path):
-    model = VQGAN(config=TINY, image_size=16).train()
+    model = VQGAN(config=dataclasses.replace(TINY, encoder_context=0), image_size=16).train()
     model(to_unit(_images(8, seed=1)))
     model.eval()
     codes = model.encode(to_unit(_images(2)))[1]
@@ -135,13 +135,14 @@ def test_the_decoder_reads_scaled_unit_vectors_and_older_folders_load_unscaled(t
     expected = project_out(model.quantizer.codebook[codes] * TINY.codebook_dim**0.5)
     with torch.no_grad():
         torch.testing.assert_close(model.quantizer.lookup(codes), expected.permute(0, 3, 1, 2))
-    # A folder saved before `scaled_lookup` existed: its decoder read the unit vectors.
+    # A folder saved before `scaled_lookup` and `encoder_context` existed: its decoder
+    # read the unit vectors, and its encoder had no context blocks.
     model.save_pretrained(tmp_path)
     body = json.loads((tmp_path / "config.json").read_text())
-    del body["image_tokenizer"]["scaled_lookup"]
+    del body["image_tokenizer"]["scaled_lookup"], body["image_tokenizer"]["encoder_context"]
     (tmp_path / "config.json").write_text(json.dumps(body))
     old = VQGAN.from_pretrained(tmp_path)
-    assert not old.config.scaled_lookup
+    assert not old.config.scaled_lookup and old.config.encoder_context == 0
     with torch.no_grad():
         unscaled = project_out(model.quantizer.codebook[codes]).permute(0, 3, 1, 2)
         torch.testing.assert_close(old.quantizer.lookup(codes), unscaled)
@@ -344,7 +345,8 @@ def test_perceptual_loss_runs_on_a_local_vision_model(tmp_path):
 
 
 def test_the_patch_encoder_sees_only_each_codes_own_pixels():
-    model = VQGAN(config=dataclasses.replace(TINY, architecture="patch"), image_size=16).eval()
+    config = dataclasses.replace(TINY, architecture="patch", encoder_context=0)
+    model = VQGAN(config=config, image_size=16).eval()
     x = to_unit(_images(1))
     y = x.clone()
     y[:, :, :4, :4] = torch.rand(1, 3, 4, 4)  # the top-left code's patch only
