@@ -32,7 +32,7 @@ from parti_ops.model.checkpoint import (
     save_checkpoint,
 )
 from parti_ops.model.config import ImageTokenizerConfig
-from parti_ops.model.scenes import Scene, compare, read_scene
+from parti_ops.model.scenes import Scene, compare, heldout_pairs, read_scene
 from parti_ops.model.schedule import batch_indices, lr_factor
 from parti_ops.model.vqgan import (
     EARLIER,
@@ -270,14 +270,18 @@ def _train_step(
 
 @torch.inference_mode()
 def reconstruct(
-    model: VQGAN, images: torch.Tensor, batch_size: int
+    model: VQGAN, images: torch.Tensor, batch_size: int, quantize: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images (N, H, W, 3) → (uint8 reconstructions, codes (N, h, w))."""
+    """uint8 images (N, H, W, 3) → (uint8 reconstructions, codes (N, h, w)).
+
+    With `quantize` False the decoder reads the encoder's normalised vectors themselves.
+    """
     model.eval()
     device = next(model.parameters()).device
     recons, codes = [], []
     for start in range(0, len(images), batch_size):
-        recon, code, _ = model(to_unit(images[start : start + batch_size].to(device)))
+        batch = to_unit(images[start : start + batch_size].to(device))
+        recon, code, _ = model(batch, quantize)
         recons.append(to_uint8(recon).cpu())
         codes.append(code.cpu())
     return torch.cat(recons), torch.cat(codes)
@@ -293,7 +297,13 @@ def evaluate_vqgan(
 
     PSNR and SSIM (torchmetrics, on [0, 255]) per image, averaged; codebook usage (share
     of codes used at least once) and perplexity (exp of the code entropy); and, where
-    `scenes` are known, the attribute oracle's exact accuracy on the reconstructions.
+    `scenes` are known, the attribute oracle's exact accuracy on the reconstructions, and
+    two diagnostics of where it is lost:
+    - `oracle_exact_unquantized`: the same with the decoder reading the encoder's vectors
+      unquantised, so its gap to `oracle_exact` is what the codebook costs;
+    - `oracle_objects_heldout_pair` / `oracle_objects_seen_pair`: the share of objects read
+      back exactly among those whose (colour, shape) pair was kept out of training, and
+      among the others.
     """
     from torchmetrics.functional.image import (
         peak_signal_noise_ratio,
@@ -316,12 +326,25 @@ def evaluate_vqgan(
         "perplexity": float(entropy.exp()),
         "images": float(len(images)),
     }
-    if scenes is not None:
-        known = [(r, s) for r, s in zip(recon, scenes, strict=True) if s is not None]
-        if known:
-            results = [compare(read_scene(r.numpy()), s) for r, s in known]
-            for key in ("exact", "shape", "colour", "position", "size", "count", "background"):
-                metrics[f"oracle_{key}"] = float(np.mean([res[key] for res in results]))
+    known = [i for i, s in enumerate(scenes or []) if s is not None]
+    if known:
+        truth = [scenes[i] for i in known]
+        read = [read_scene(recon[i].numpy()) for i in known]
+        results = [compare(p, s) for p, s in zip(read, truth, strict=True)]
+        for key in ("exact", "shape", "colour", "position", "size", "count", "background"):
+            metrics[f"oracle_{key}"] = float(np.mean([res[key] for res in results]))
+        unquantized, _ = reconstruct(model, images[known], batch_size, quantize=False)
+        metrics["oracle_exact_unquantized"] = float(
+            np.mean([read_scene(r.numpy()) == s for r, s in zip(unquantized, truth, strict=True)])
+        )
+        held = heldout_pairs()
+        found: dict[bool, list[bool]] = {True: [], False: []}
+        for p, s in zip(read, truth, strict=True):
+            for obj in s.objects:
+                found[(obj.colour, obj.shape) in held].append(obj in p.objects)
+        for is_held, name in ((True, "heldout_pair"), (False, "seen_pair")):
+            if found[is_held]:
+                metrics[f"oracle_objects_{name}"] = float(np.mean(found[is_held]))
     return metrics, recon
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from parti_ops.model import vqgan_train
 from parti_ops.model.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -17,7 +18,7 @@ from parti_ops.model.checkpoint import (
 )
 from parti_ops.model.config import ImageTokenizerConfig
 from parti_ops.model.quantizer import FactorizedQuantizer, _kmeans_pp, _rotate_onto
-from parti_ops.model.scenes import render, sample_scene
+from parti_ops.model.scenes import heldout_pairs, render, sample_scene
 from parti_ops.model.vqgan import VQGAN, PerceptualLoss, to_uint8, to_unit
 from parti_ops.model.vqgan_train import (
     CHECKPOINTS,
@@ -175,6 +176,40 @@ def test_training_reduces_the_loss_and_saves_the_model(tmp_path):
     )
     assert 0 < metrics["codebook_usage"] <= 1 and 1 <= metrics["perplexity"] <= config.codebook_size
     assert reconstruction_grid(images[:8], recon).size == (4 * 32, 2 * 16)
+
+
+def test_oracle_diagnostics_split_the_codebook_cost_and_the_heldout_pairs(monkeypatch):
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng, heldout=i % 2 == 0) for i in range(12)]
+    images = torch.from_numpy(
+        np.stack([np.asarray(render(s, image_size=32, rng=rng)) for s in scenes])
+    )
+    held = heldout_pairs()
+    lost = [any((o.colour, o.shape) in held for o in s.objects) for s in scenes]
+    assert 0 < sum(lost) < len(lost)
+
+    def fake_reconstruct(model, batch, batch_size, quantize=True):
+        # Unquantised: perfect. Quantised: scenes with a held-out pair come back blank.
+        recon = batch.clone()
+        if quantize:
+            recon[torch.tensor(lost)] = 0
+        return recon, torch.zeros(len(batch), 2, 2, dtype=torch.long)
+
+    monkeypatch.setattr(vqgan_train, "reconstruct", fake_reconstruct)
+    model = VQGAN(config=TINY, image_size=32)
+    metrics, _ = evaluate_vqgan(model, images, scenes)
+    assert metrics["oracle_exact_unquantized"] == 1.0
+    assert metrics["oracle_exact"] == pytest.approx(1 - np.mean(lost))
+    assert metrics["oracle_objects_heldout_pair"] == 0.0  # each sits in a blanked scene
+    seen = [
+        (lst, o)
+        for lst, s in zip(lost, scenes, strict=True)
+        for o in s.objects
+        if (o.colour, o.shape) not in held
+    ]
+    assert metrics["oracle_objects_seen_pair"] == pytest.approx(
+        np.mean([not lst for lst, _ in seen])
+    )
 
 
 def test_resumed_training_equals_uninterrupted_training(tmp_path):
