@@ -76,8 +76,8 @@ class Attention(nn.Module):
 
     def _split(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
         """(B, n, D) → (B, H, n, D/H), each head normalised by `norm` first: before the
-        transpose the heads are contiguous, so the norm copies nothing (a CPU step measured
-        about 1.2x faster than normalising the transposed view)."""
+        transpose the heads are contiguous, so the norm copies nothing (a tiny-preset training
+        step on 2 CPU cores measured 7 % faster than normalising the transposed view)."""
         b, n, d = x.shape
         x = x.view(b, n, self.heads, d // self.heads)
         return (x if norm is None else norm(x)).transpose(1, 2)

@@ -51,7 +51,7 @@ MODEL = "parti"  # the trained model's folder under the output folder
 # Fields that shape the weights: a checkpoint made with others cannot be resumed.
 MODEL_FIELDS = {
     "d_model", "encoder_layers", "decoder_layers", "heads", "mlp_ratio", "tie_head",
-    "text_vocab", "text_length", "codebook_size", "grid",
+    "prompt_start", "qk_norm", "text_vocab", "text_length", "codebook_size", "grid",
 }  # fmt: skip
 # Dense bf16 peak of one GPU, for MFU; other GPUs report tokens/s only.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}

@@ -75,6 +75,10 @@ def test_resuming_with_another_model_config_names_the_fields(tmp_path):
     wider = dataclasses.replace(CONFIG, d_model=64)
     with pytest.raises(CheckpointError, match="d_model: 32 in checkpoint, 64 now"):
         fit(wider, TRAIN, DIMS, data, tmp_path, resume=True)
+    # Switches that add or remove weights count too, not only sizes.
+    plain = dataclasses.replace(CONFIG, qk_norm=not CONFIG.qk_norm)
+    with pytest.raises(CheckpointError, match="qk_norm: True in checkpoint, False now"):
+        fit(plain, TRAIN, DIMS, data, tmp_path, resume=True)
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
