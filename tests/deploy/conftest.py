@@ -83,6 +83,7 @@ FAITHFUL = {
     "image_tokenizer.warmup_steps": 10,
     "parti.d_model": 64,
     "train.steps": 400,
+    "train.lr": 2e-3,
     "train.warmup_steps": 10,
     "train.checkpoint_every": 200,
     "train.log_every": 50,
