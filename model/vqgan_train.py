@@ -326,8 +326,9 @@ def evaluate_vqgan(
         "perplexity": float(entropy.exp()),
         "images": float(len(images)),
     }
-    pairs = zip(range(len(recon)), scenes, strict=True) if scenes is not None else ()
-    known = [i for i, s in pairs if s is not None]
+    if scenes is not None and len(scenes) != len(recon):
+        raise ValueError(f"{len(scenes)} scenes for {len(images)} images: give one per image")
+    known = [i for i, s in enumerate(scenes or []) if s is not None]
     if known:
         truth = [scenes[i] for i in known]
         read = [read_scene(recon[i].numpy()) for i in known]
