@@ -292,11 +292,14 @@ class TrainConfig:
     # process takes batch_size / (processes * grad_accum) rows per micro-step.
     batch_size: int = 32
     grad_accum: int = 1
+    # "muon": Muon for the hidden matrices, AdamW for the rest (model/optim.py); "adamw":
+    # AdamW for all.
+    optimizer: str = "muon"
     # 1400 steps at 2e-3 drew the prompt's colour 75 % of the time, at 1.5e-3 92 %.
     lr: float = 1.5e-3
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
-    weight_decay: float = 0.01  # AdamW; matrices only, not norms, biases or embeddings' rows
+    weight_decay: float = 0.01  # decoupled; hidden matrices only, not norms, biases or embeddings
     beta2: float = 0.98
     grad_clip: float = 1.0
     # Share of captions replaced by the learned null caption, which trains the
@@ -333,6 +336,7 @@ class TrainConfig:
             f" ({self.grad_accum} * {self.nproc} * {self.nodes})",
         )
         _check(self.job_timeout_s >= 1, f"{p}job_timeout_s must be >= 1")
+        _check(self.optimizer in ("muon", "adamw"), f"{p}optimizer={self.optimizer!r}: muon|adamw")
         _check(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, f"{p}lr > 0, min_lr_ratio in [0, 1]")
         _check(
             self.warmup_steps >= 0 and self.weight_decay >= 0, f"{p}warmup_steps, weight_decay >= 0"

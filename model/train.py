@@ -1,7 +1,8 @@
 """Training the Parti decoder: one `fit()` for CPU, one GPU, or many processes under torchrun.
 
 DDP starts when `torchrun` sets WORLD_SIZE > 1 (gloo on CPU, NCCL on GPU); bf16 autocast
-on a GPU, fp32 on CPU; gradient accumulation; AdamW with warm-up and cosine decay;
+on a GPU, fp32 on CPU; gradient accumulation; Muon (hidden matrices) with AdamW (the rest),
+or AdamW alone, with warm-up and cosine decay;
 gradient clipping; optional `torch.compile`; caption dropout for classifier-free guidance.
 
 The global batch at step s, and which captions it drops, are functions of (seed, s)
@@ -41,6 +42,7 @@ from parti_ops.model.checkpoint import (
     save_checkpoint,
 )
 from parti_ops.model.config import PartiConfig, TrainConfig
+from parti_ops.model.optim import MuonAdamW
 from parti_ops.model.parti import Parti, PartiDims
 from parti_ops.model.schedule import batch_indices, lr_factor
 
@@ -155,17 +157,18 @@ def caption_drops(step: int, batch_size: int, rate: float, seed: int) -> torch.T
     return torch.rand(batch_size, generator=generator) < rate
 
 
-def _optimizer(model: Parti, train: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not norms, biases, embeddings or positions)."""
-    decay, keep = [], []
+def _optimizer(model: Parti, train: TrainConfig) -> MuonAdamW:
+    """Muon or AdamW for the hidden matrices, which alone take weight decay; AdamW for the
+    rest (norms, biases, embeddings and the head tied to them, positions)."""
+    matrices, rest = [], []
     for name, p in model.named_parameters():
         is_matrix = p.ndim == 2 and "embed" not in name and not name.endswith("_pos")
-        (decay if is_matrix else keep).append(p)
+        (matrices if is_matrix else rest).append(p)
     groups = [
-        {"params": decay, "weight_decay": train.weight_decay},
-        {"params": keep, "weight_decay": 0.0},
+        {"params": matrices, "weight_decay": train.weight_decay, "muon": train.optimizer == "muon"},
+        {"params": rest, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, train.beta2))
+    return MuonAdamW(groups, lr=train.lr, betas=(0.9, train.beta2))
 
 
 def _autocast(train: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -246,7 +249,9 @@ def _fit(
     step = 0
     if resume:
         path, tensors, meta = _resume_from(procs, ckpt_dir)
-        check_same_config(meta["config"], fingerprint(config, train, dims), MODEL_FIELDS, path)
+        # The optimiser's state is per rule: Muon's momentum cannot continue AdamW's moments.
+        must_match = MODEL_FIELDS | {"optimizer"}
+        check_same_config(meta["config"], fingerprint(config, train, dims), must_match, path)
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         restore_optimizer("optimizer", optimizer, tensors, meta["optimizer"])
         step = int(meta["step"])

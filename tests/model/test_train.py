@@ -79,6 +79,10 @@ def test_resuming_with_another_model_config_names_the_fields(tmp_path):
     plain = dataclasses.replace(CONFIG, qk_norm=False)
     with pytest.raises(CheckpointError, match="qk_norm: True in checkpoint, False now"):
         fit(plain, TRAIN, DIMS, data, tmp_path, resume=True)
+    # Muon's momentum cannot continue AdamW's moments.
+    adamw = dataclasses.replace(TRAIN, optimizer="adamw")
+    with pytest.raises(CheckpointError, match="optimizer: 'muon' in checkpoint, 'adamw' now"):
+        fit(CONFIG, adamw, DIMS, data, tmp_path, resume=True)
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
