@@ -50,7 +50,8 @@ class MuonAdamW(torch.optim.Optimizer):
 
     Args:
         params: parameter groups (dicts); a group's `muon` (default False) picks the rule,
-            and its `weight_decay` (decoupled, as AdamW's) applies to either.
+            its `lr_scale` (default 1) multiplies `lr` for it, so that one schedule drives
+            both, and its `weight_decay` (decoupled, as AdamW's) applies to either.
         lr: the shared learning rate.
         betas: AdamW's moment decays.
         momentum: Muon's Nesterov momentum.
@@ -73,6 +74,7 @@ class MuonAdamW(torch.optim.Optimizer):
             "momentum": momentum,
             "weight_decay": weight_decay,
             "muon": False,
+            "lr_scale": 1.0,
         }
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -90,7 +92,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 (self._muon if group["muon"] else self._adamw)(group, params)
 
     def _muon(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        lr, momentum = group["lr"], group["momentum"]
+        lr, momentum = group["lr"] * group["lr_scale"], group["momentum"]
         by_shape: dict[torch.Size, list[torch.Tensor]] = defaultdict(list)
         for p in params:
             by_shape[p.shape].append(p)
@@ -111,7 +113,7 @@ class MuonAdamW(torch.optim.Optimizer):
     def _adamw(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         # torch.optim.AdamW's update (Loshchilov & Hutter 2019), written out so that both
         # rules live in one state dict; tests/model/test_optim.py checks it against torch's.
-        lr, (beta1, beta2) = group["lr"], group["betas"]
+        lr, (beta1, beta2) = group["lr"] * group["lr_scale"], group["betas"]
         for p in params:
             state = self.state[p]
             if not state:

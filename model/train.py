@@ -164,8 +164,14 @@ def _optimizer(model: Parti, train: TrainConfig) -> MuonAdamW:
     for name, p in model.named_parameters():
         is_matrix = p.ndim == 2 and "embed" not in name and not name.endswith("_pos")
         (matrices if is_matrix else rest).append(p)
+    muon = train.optimizer == "muon"
     groups = [
-        {"params": matrices, "weight_decay": train.weight_decay, "muon": train.optimizer == "muon"},
+        {
+            "params": matrices,
+            "weight_decay": train.weight_decay,
+            "muon": muon,
+            "lr_scale": train.muon_lr_scale if muon else 1.0,
+        },
         {"params": rest, "weight_decay": 0.0},
     ]
     return MuonAdamW(groups, lr=train.lr, betas=(0.9, train.beta2))

@@ -67,7 +67,8 @@ def test_muon_step_is_the_scaled_orthogonalised_nesterov_momentum():
     weights = [model[0].weight, model[2].weight]
     start = [w.detach().clone() for w in weights]
     lr, momentum, decay = 1e-2, 0.95, 0.1
-    opt = MuonAdamW([{"params": weights, "muon": True, "weight_decay": decay}], lr=lr)
+    group = {"params": weights, "muon": True, "weight_decay": decay, "lr_scale": 3.0}
+    opt = MuonAdamW([group], lr=lr / 3)
     grads = [torch.randn_like(w) for w in weights]
     for w, g in zip(weights, grads, strict=True):
         w.grad = g.clone()
