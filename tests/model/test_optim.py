@@ -80,13 +80,19 @@ def test_muon_step_is_the_scaled_orthogonalised_nesterov_momentum():
         torch.testing.assert_close(w.detach(), expected, atol=1e-6, rtol=1e-5)
 
 
+def _both_rules(m: torch.nn.Module) -> MuonAdamW:
+    return MuonAdamW(
+        [
+            {"params": [m[0].weight, m[2].weight], "muon": True},
+            {"params": [m[0].bias, m[1].weight, m[1].bias, m[2].bias]},
+        ],
+        lr=1e-2,
+    )
+
+
 def test_state_round_trips_and_muon_refuses_vectors():
     model, twin = _pair()
-    params = lambda m: [  # noqa: E731
-        {"params": [m[0].weight, m[2].weight], "muon": True},
-        {"params": [m[0].bias, m[1].weight, m[1].bias, m[2].bias]},
-    ]
-    ours, again = MuonAdamW(params(model), lr=1e-2), MuonAdamW(params(twin), lr=1e-2)
+    ours, again = _both_rules(model), _both_rules(twin)
     _train(model, ours, steps=3)
     twin.load_state_dict(model.state_dict())
     again.load_state_dict(copy.deepcopy(ours.state_dict()))  # as if read from a file
