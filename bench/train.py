@@ -92,7 +92,9 @@ def main() -> None:
         "eager": eager,
     }
     if config.train.optimizer != "adamw":
-        adamw = measure(config, dims, data, args.steps, args.warmup, False, optimizer="adamw")
+        adamw = measure(
+            config, dims, data, args.steps, args.warmup, compile_=False, optimizer="adamw"
+        )
         result["eager_adamw"] = adamw
         result["muon_vs_adamw"] = round(eager["tokens_per_s"] / adamw["tokens_per_s"], 3)
     if not args.no_compile:

@@ -34,9 +34,15 @@ def test_orthogonalize_matches_the_reference_and_flattens_the_spectrum(shape):
 def _pair(seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
-    twin = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
-    twin.load_state_dict(model.state_dict())
-    return model, twin
+    return model, copy.deepcopy(model)
+
+
+def _groups(m: torch.nn.Module, **matrices: object) -> list[dict]:
+    """The two matrices (with `matrices`' options) in one group, the vectors in another."""
+    return [
+        {"params": [m[0].weight, m[2].weight], **matrices},
+        {"params": [m[0].bias, m[1].weight, m[1].bias, m[2].bias]},
+    ]
 
 
 def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int = 5) -> None:
@@ -50,12 +56,10 @@ def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int 
 
 def test_adamw_groups_step_as_torch_adamw():
     model, twin = _pair()
-    groups = [{"params": [model[0].weight, model[2].weight], "weight_decay": 0.1}]
-    groups.append({"params": [model[0].bias, model[1].weight, model[1].bias, model[2].bias]})
-    ours = MuonAdamW(groups, lr=1e-2, betas=(0.9, 0.98))
-    twin_groups = [{"params": [twin[0].weight, twin[2].weight], "weight_decay": 0.1}]
-    twin_groups.append({"params": [twin[0].bias, twin[1].weight, twin[1].bias, twin[2].bias]})
-    theirs = torch.optim.AdamW(twin_groups, lr=1e-2, betas=(0.9, 0.98), weight_decay=0.0)
+    ours = MuonAdamW(_groups(model, weight_decay=0.1), lr=1e-2, betas=(0.9, 0.98))
+    theirs = torch.optim.AdamW(
+        _groups(twin, weight_decay=0.1), lr=1e-2, betas=(0.9, 0.98), weight_decay=0.0
+    )
     _train(model, ours)
     _train(twin, theirs)
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
@@ -80,19 +84,10 @@ def test_muon_step_is_the_scaled_orthogonalised_nesterov_momentum():
         torch.testing.assert_close(w.detach(), expected, atol=1e-6, rtol=1e-5)
 
 
-def _both_rules(m: torch.nn.Module) -> MuonAdamW:
-    return MuonAdamW(
-        [
-            {"params": [m[0].weight, m[2].weight], "muon": True},
-            {"params": [m[0].bias, m[1].weight, m[1].bias, m[2].bias]},
-        ],
-        lr=1e-2,
-    )
-
-
 def test_state_round_trips_and_muon_refuses_vectors():
     model, twin = _pair()
-    ours, again = _both_rules(model), _both_rules(twin)
+    ours = MuonAdamW(_groups(model, muon=True), lr=1e-2)
+    again = MuonAdamW(_groups(twin, muon=True), lr=1e-2)
     _train(model, ours, steps=3)
     twin.load_state_dict(model.state_dict())
     again.load_state_dict(copy.deepcopy(ours.state_dict()))  # as if read from a file
