@@ -186,7 +186,7 @@ class OnnxTextToImage:
         guidance_scale: float | np.ndarray = 1.5,
         temperature: float | np.ndarray = 0.7,
         top_k: int | np.ndarray = 0,
-        top_p: float | np.ndarray = 1.0,
+        top_p: float | np.ndarray = 0.6,
         cancelled: Callable[[], np.ndarray] | None = None,
     ) -> np.ndarray:
         """Codes (B, grid, grid) for prompts (B, T); settings are scalars or one per row.
@@ -265,7 +265,7 @@ class OnnxTextToImage:
         guidance_scale: float | np.ndarray = 1.5,
         temperature: float | np.ndarray = 0.7,
         top_k: int | np.ndarray = 0,
-        top_p: float | np.ndarray = 1.0,
+        top_p: float | np.ndarray = 0.6,
         cancelled: Callable[[], np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Images (B, H, W, 3) uint8 and codes (B, grid, grid) for prompts, one seed each."""

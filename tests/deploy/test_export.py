@@ -1,5 +1,6 @@
 """ONNX export: parity with PyTorch, the int8 variant, the serving runtime, the repository."""
 
+import inspect
 import json
 
 import numpy as np
@@ -18,6 +19,7 @@ from parti_ops.deploy.triton import (
     set_served_version,
     write_config,
 )
+from parti_ops.model.config import SampleConfig
 from parti_ops.model.generate import TextToImage
 from parti_ops.model.sampling import generate_codes
 
@@ -35,6 +37,15 @@ def test_export_is_exact(exported, deploy_config):
         onnx.checker.check_model(model, full_check=True)
         assert model.opset_import[0].version == bounds.opset
     assert json.loads((exported["dir"] / "parity.json").read_text()) == report
+
+
+def test_runtime_defaults_are_the_sampling_defaults():
+    # The runtime ships into the Triton repository without parti_ops, so it restates the
+    # sampling defaults; a served request that leaves a setting out gets export.json's.
+    for method in (OnnxTextToImage.__call__, OnnxTextToImage.generate_codes):
+        params = inspect.signature(method).parameters
+        for name in ("guidance_scale", "temperature", "top_k", "top_p"):
+            assert params[name].default == getattr(SampleConfig(), name), (method, name)
 
 
 def test_parity_check_catches_a_different_model(exported, train_bundle, deploy_config, tmp_path):

@@ -34,6 +34,15 @@ def test_int_given_for_a_float_field_is_converted():
     assert isinstance(config.data.max_quarantine_fraction, float)
 
 
+def test_exponent_without_a_dot_reads_as_a_float(tmp_path):
+    # YAML 1.1 reads 9e-3 as a string; a float field takes it as the number it spells.
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 9e-3\n")
+    config = Config.load("tiny", tmp_path / "c.yaml", ["train.min_lr_ratio=5e-2"])
+    assert (config.train.lr, config.train.min_lr_ratio) == (9e-3, 5e-2)
+    with pytest.raises(ConfigError, match="'train.lr': expected float, got 'fast'"):
+        Config.load("tiny", overrides=["train.lr=fast"])
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
