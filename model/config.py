@@ -284,7 +284,7 @@ class PartiConfig:
 class TrainConfig:
     """Decoder training: one `fit()` for CPU, one GPU, or many processes under torchrun."""
 
-    # The CPU preset: 1300 steps of 32 took 9.1 minutes (all of `parti train`, Muon) on 2
+    # The CPU preset: 1300 steps of 32 took 8.7 minutes (all of `parti train`, Muon) on 2
     # AVX2 cores (`parti.d_model` 64, about 20k tokens/s). Prompt following grows
     # with the number of steps far more than with width: in about the same time, width 64
     # for 1800 steps drew the exact scene 44 % of the time, width 128 for 900 steps 10 %.
@@ -296,8 +296,9 @@ class TrainConfig:
     batch_size: int = 32
     grad_accum: int = 1
     # "muon": Muon for the hidden matrices, AdamW for the rest (model/optim.py); "adamw":
-    # AdamW for all. Tiny preset, 1300 steps on 6 000 images, held-out exact (validation /
-    # test): 54 / 46 % with Muon and AdamW at one learning rate, 29 / 19 % with AdamW alone.
+    # AdamW for all, at `lr` (on the tiny preset, set lr 1.5e-3 with it). Tiny preset,
+    # 1300 steps on 6 000 images, held-out exact (validation / test): 54 / 46 % with Muon
+    # and AdamW at one learning rate, 29 / 19 % with AdamW alone.
     optimizer: str = "muon"
     # `lr` is AdamW's (embeddings, the tied head, norms, biases); Muon's is `lr` times
     # `muon_lr_scale`. The embeddings and head want a far larger step than the matrices.
@@ -377,10 +378,10 @@ class SampleConfig:
     guidance_scale: float = 1.5
     temperature: float = 0.7  # 0: greedy
     top_k: int = 0  # 0: off
-    # Nucleus sampling; 1: off. Tiny preset's decoder on 20 000 images, 200 held-out prompts
-    # per split, exact validation / test: 0.6 81 / 71 %, 0.4 81.5 / 70.5 %, 0.8 78.5 /
-    # 72.5 %, off 73 / 65.5 %; it is shapes that the tail gets wrong (validation shape
-    # 81 % at 0.6, 73.5 % off).
+    # Nucleus sampling; 1: off. Tuned on the tiny preset only: its decoder on 20 000 images
+    # (`train.lr` 1.5e-3), 200 held-out prompts per split, exact validation / test: 0.6
+    # 81 / 71 %, 0.4 81.5 / 70.5 %, 0.8 78.5 / 72.5 %, off 73 / 65.5 %; it is shapes that
+    # the tail gets wrong (validation shape 81 % at 0.6, 73.5 % off).
     top_p: float = 0.6
     seed: int = 0
     candidates: int = 1  # samples per prompt, reranked by a scorer when one is given
@@ -759,9 +760,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return float(value)
         if kind is float and isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
-                pass
+                continue
+            if math.isfinite(number):
+                return number
         if kind is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if kind in (str, bool) and isinstance(value, kind):

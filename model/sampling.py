@@ -117,7 +117,7 @@ def generate_codes(
     guidance_scale: float = 1.5,
     temperature: float = 0.7,
     top_k: int = 0,
-    top_p: float = 1.0,
+    top_p: float = 0.6,
     null: torch.Tensor | None = None,
     use_cache: bool = True,
 ) -> torch.Tensor:

@@ -42,7 +42,7 @@ def test_export_is_exact(exported, deploy_config):
 def test_runtime_defaults_are_the_sampling_defaults():
     # The runtime ships into the Triton repository without parti_ops, so it restates the
     # sampling defaults; a served request that leaves a setting out gets export.json's.
-    for method in (OnnxTextToImage.__call__, OnnxTextToImage.generate_codes):
+    for method in (OnnxTextToImage.__call__, OnnxTextToImage.generate_codes, generate_codes):
         params = inspect.signature(method).parameters
         for name in ("guidance_scale", "temperature", "top_k", "top_p"):
             assert params[name].default == getattr(SampleConfig(), name), (method, name)

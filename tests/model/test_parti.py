@@ -78,7 +78,7 @@ def test_guided_sampling_at_scale_one_samples_the_conditional_model():
     model = _model()
     ids, mask = _prompts()
     seeds = [1, 2, 3]
-    guided = generate_codes(model, ids, mask, seeds, guidance_scale=1.0, temperature=1.0)
+    guided = generate_codes(model, ids, mask, seeds, guidance_scale=1.0, temperature=1.0, top_p=1.0)
     # The same draw, from conditional logits computed with a guided (two-half) batch.
     with torch.no_grad():
         logits, cache = prefill(model, ids, mask, guided=True)
