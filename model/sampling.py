@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from parti_ops.model.config import check_sampling
+from parti_ops.model.config import SampleConfig, check_sampling
 from parti_ops.model.parti import KVCache, Parti
 
 # images (B, H, W, 3) uint8 and their prompt → a score per image, higher is better.
@@ -114,10 +114,10 @@ def generate_codes(
     text_mask: torch.Tensor,
     seeds: Sequence[int],
     *,
-    guidance_scale: float = 1.5,
-    temperature: float = 0.7,
-    top_k: int = 0,
-    top_p: float = 0.6,
+    guidance_scale: float = SampleConfig.guidance_scale,
+    temperature: float = SampleConfig.temperature,
+    top_k: int = SampleConfig.top_k,
+    top_p: float = SampleConfig.top_p,
     null: torch.Tensor | None = None,
     use_cache: bool = True,
 ) -> torch.Tensor:

@@ -42,6 +42,7 @@ def test_export_is_exact(exported, deploy_config):
 def test_runtime_defaults_are_the_sampling_defaults():
     # The runtime ships into the Triton repository without parti_ops, so it restates the
     # sampling defaults; a served request that leaves a setting out gets export.json's.
+    # (`generate_codes` reads them from SampleConfig; checked alongside all the same.)
     for method in (OnnxTextToImage.__call__, OnnxTextToImage.generate_codes, generate_codes):
         params = inspect.signature(method).parameters
         for name in ("guidance_scale", "temperature", "top_k", "top_p"):
