@@ -4,9 +4,12 @@
 
 Prints one JSON object. Both comparisons are ratios taken in the same run, on the same
 model and images (the preset's VQGAN, untrained weights: speed does not depend on them):
-- `encode.batched_vs_single`: images/s of `model.encode` on batches of B images (the
-  preset's `eval_batch_size`, what encoding uses) over images/s one image at a time,
-  both under `torch.inference_mode`; other batch sizes are listed beside it;
+- `encode.batched_vs_single`: images/s of `model.tokenize` (what encoding uses, with the
+  preset's `refine_candidates`) on batches of B images (the preset's `eval_batch_size`)
+  over images/s one image at a time, both under `torch.inference_mode`; other batch
+  sizes are listed beside it;
+- `encode.refined_vs_nearest`: batched images/s with the preset's refinement over
+  images/s taking the nearest codes (`refine_candidates` 1): what refinement costs;
 - `train.compiled_vs_eager`: optimiser steps/s of `train_vqgan` with
   `image_tokenizer.compile=true` over without, both timed after the first
   `--warmup` steps (which hold torch.compile's one-off compilation, reported apart).
@@ -38,12 +41,11 @@ def make_images(n: int, size: int) -> torch.Tensor:
 
 
 def images_per_s(model: VQGAN, images: torch.Tensor, batch: int) -> float:
-    with torch.inference_mode():
-        model.encode(to_unit(images[:batch]))  # warm-up: allocator, oneDNN primitives
-        started = time.perf_counter()
-        for start in range(0, len(images), batch):
-            model.encode(to_unit(images[start : start + batch]))
-        return len(images) / (time.perf_counter() - started)
+    model.tokenize(to_unit(images[:batch]))  # warm-up: allocator, oneDNN primitives
+    started = time.perf_counter()
+    for start in range(0, len(images), batch):
+        model.tokenize(to_unit(images[start : start + batch]))
+    return len(images) / (time.perf_counter() - started)
 
 
 def train_steps_per_s(
@@ -88,6 +90,9 @@ def main() -> dict[str, Any]:
     per_batch = {b: images_per_s(model, images, b) for b in sorted({8, 16, 32, 128, args.batch})}
     batched = per_batch[args.batch]
     single = images_per_s(model, images[: max(32, args.images // 4)], 1)
+    refined_candidates = config.image_tokenizer.refine_candidates
+    model.config = dataclasses.replace(config.image_tokenizer, refine_candidates=1)
+    nearest = images_per_s(model, images, args.batch)
     eager = train_steps_per_s(config, images, args.steps, args.warmup, compile_=False)
     compiled = train_steps_per_s(config, images, args.steps, args.warmup, compile_=True)
     return {
@@ -105,6 +110,9 @@ def main() -> dict[str, Any]:
             "batched_images_per_s": round(batched, 1),
             "single_images_per_s": round(single, 1),
             "batched_vs_single": round(batched / single, 2),
+            "refine_candidates": refined_candidates,
+            "nearest_images_per_s": round(nearest, 1),
+            "refined_vs_nearest": round(batched / nearest, 3),
             "images_per_s_by_batch": {b: round(v, 1) for b, v in per_batch.items()},
         },
         "train": {

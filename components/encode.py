@@ -108,8 +108,7 @@ def encode(
         for start in range(0, table.num_rows, batch_size):
             rows = table.slice(start, batch_size)
             pixels = np.stack([decode_png(b) for b in rows["image"].to_pylist()])
-            with torch.inference_mode():
-                _, codes, _ = model.encode(to_unit(torch.from_numpy(pixels)))
+            codes = model.tokenize(to_unit(torch.from_numpy(pixels)))
             captions = [c or "" for c in rows["caption"].to_pylist()]
             ids, lengths, cut = encode_captions(tokenizer, captions, max_length)
             truncated += cut

@@ -318,13 +318,10 @@ def _encode(bundle, images: torch.Tensor, captions: list[str]):
     from parti_ops.model.train import CodeData
     from parti_ops.model.vqgan import to_unit
 
-    with torch.inference_mode():
-        codes = torch.cat(
-            [
-                bundle.vqgan.encode(to_unit(images[i : i + 256]))[1]
-                for i in range(0, len(images), 256)
-            ]
-        )
+    step = bundle.vqgan.config.eval_batch_size
+    codes = torch.cat(
+        [bundle.vqgan.tokenize(to_unit(images[i : i + step])) for i in range(0, len(images), step)]
+    )
     ids, lengths, _ = encode_captions(bundle.tokenizer, captions, bundle.parti.dims.text_length)
     return CodeData.from_arrays(
         {"codes": codes.numpy(), "text_ids": ids, "text_lengths": lengths},

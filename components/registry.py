@@ -44,6 +44,7 @@ REQUIRED_METRICS = (FIDELITY, BITS)  # FID and CLIP score need a feature model: 
 KEY_FIELDS = ("data_digest", "evaluator")
 # Version tags: `metric.<name>` for each metric, `eval.<field>` for the evaluation key.
 METRIC_TAG, KEY_TAG = "metric.", "eval."
+IMAGE_TOKENIZER_TAG = "image_tokenizer.digest"  # a version's, as `bundle_lineage` tags it
 REPLACED_TAG = "champion.replaced"  # on a champion: the version it replaced
 MAX_TAG_CHARS = 5000  # MLflow's limit on a model version tag value
 
@@ -157,7 +158,8 @@ def decide(challenger: dict, champion: dict | None, rules: RegistryConfig) -> De
     `max_nll_rise` bits/token (absolute), and its FID may be at most `max_fid_rise`
     (relative) above the champion's. Metrics are compared only when both
     evaluations have the same `key` (held-out data and evaluator); otherwise the
-    decision is `refuse`.
+    decision is `refuse`. Bits per token count codes, so they are not compared when the
+    two bundles' image tokenizers differ (their `image_tokenizer` digests, where known).
     """
     new = challenger["metrics"]
     checks = [
@@ -185,12 +187,19 @@ def decide(challenger: dict, champion: dict | None, rules: RegistryConfig) -> De
             "max_fidelity_drop", new[FIDELITY], ">=", old[FIDELITY] - rules.max_fidelity_drop,
             champion=old[FIDELITY],
         ),
-        Rule.check(
-            "max_nll_rise", new[BITS], "<=", old[BITS] + rules.max_nll_rise, champion=old[BITS]
-        ),
+        _nll_rule(challenger, champion, rules),
         Rule.check("max_fid_rise", new.get(FID), "<=", fid_limit, champion=old.get(FID)),
     ]  # fmt: skip
     return _outcome(tuple(checks), "against the champion")
+
+
+def _nll_rule(challenger: dict, champion: dict, rules: RegistryConfig) -> Rule:
+    new, old = challenger["metrics"][BITS], champion["metrics"][BITS]
+    tokenizers = challenger.get("image_tokenizer"), champion.get("image_tokenizer")
+    if all(tokenizers) and tokenizers[0] != tokenizers[1]:
+        note = "other image tokenizer: bits of other codes, not compared"
+        return Rule("max_nll_rise", new, "<=", None, champion=old, note=note)
+    return Rule.check("max_nll_rise", new, "<=", old + rules.max_nll_rise, champion=old)
 
 
 def _outcome(checks: tuple[Rule, ...], against: str) -> Decision:
@@ -234,6 +243,7 @@ def register_step(
     evaluation = load_evaluation(evaluation_dir)
     manifest = read_encoded_manifest(encoded_dir)
     lineage = bundle_lineage(model_dir, manifest)
+    evaluation["image_tokenizer"] = lineage[IMAGE_TOKENIZER_TAG]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = config.registry.model_name
@@ -444,6 +454,7 @@ def _gate(
     with tempfile.TemporaryDirectory() as tmp:
         bundle = download_bundle(client, config, current, Path(tmp))
         fresh = check_evaluation(reevaluate(bundle), f"re-evaluation of {name} version {current}")
+        fresh["image_tokenizer"] = stored["image_tokenizer"]
     champion = {"version": current, **fresh, "reevaluated": True, "stored": stored}
     return decide(evaluation, fresh, config.registry), champion
 
@@ -456,7 +467,7 @@ def evaluation_from_tags(tags: dict[str, str]) -> dict[str, Any]:
     key = {k: tags.get(f"{KEY_TAG}{k}", "") for k in KEY_FIELDS}
     metrics.setdefault(FIDELITY, math.nan)
     metrics.setdefault(BITS, math.nan)
-    return {"metrics": metrics, "key": key}
+    return {"metrics": metrics, "key": key, "image_tokenizer": tags.get(IMAGE_TOKENIZER_TAG, "")}
 
 
 def download_bundle(client, config: Config, version: str, dst: Path) -> Path:

@@ -97,6 +97,12 @@ class FactorizedQuantizer(nn.Module):
             quantized = flat + (quantized - flat).detach()  # straight-through estimator
         return self._out(quantized.reshape(b, h, w, -1)), codes.reshape(b, h, w), commit
 
+    def nearest(self, latents: torch.Tensor, k: int) -> torch.Tensor:
+        """(B, dim, h, w) → the k most similar codes of each position (B, h, w, k), best first."""
+        b, _, h, w = latents.shape
+        similarity = self.normalized(latents) @ self.codebook.t()
+        return similarity.topk(k, dim=-1).indices.reshape(b, h, w, k)
+
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (B, h, w) → quantised feature maps (B, dim, h, w), as `forward` returns them."""
         return self._out(self.codebook[codes])

@@ -274,14 +274,19 @@ def reconstruct(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images (N, H, W, 3) → (uint8 reconstructions, codes (N, h, w)).
 
-    With `quantize` False the decoder reads the encoder's normalised vectors themselves.
+    The codes are `VQGAN.tokenize`'s, as encoding makes them; with `quantize` False the
+    decoder reads the encoder's normalised vectors themselves.
     """
     model.eval()
     device = next(model.parameters()).device
     recons, codes = [], []
     for start in range(0, len(images), batch_size):
         batch = to_unit(images[start : start + batch_size].to(device))
-        recon, code, _ = model(batch, quantize)
+        if quantize:
+            code = model.tokenize(batch)
+            recon = model.decode_codes(code)
+        else:
+            recon, code, _ = model(batch, quantize)
         recons.append(to_uint8(recon).cpu())
         codes.append(code.cpu())
     return torch.cat(recons), torch.cat(codes)

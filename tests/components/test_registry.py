@@ -114,6 +114,18 @@ def test_each_rule_against_the_champion():
     assert {r.name: r.note for r in no_fid.rules}["max_fid_rise"].startswith("not measured")
 
 
+def test_bits_of_another_image_tokenizer_are_not_compared():
+    rules = RegistryConfig(max_nll_rise=0.02)
+    champion = {**evaluation(0.80, 0.40), "image_tokenizer": "nearest-codes"}
+    same = decide({**evaluation(0.85, 0.45), "image_tokenizer": "nearest-codes"}, champion, rules)
+    assert same.failed_rules == ["max_nll_rise"]
+    other = decide({**evaluation(0.85, 0.45), "image_tokenizer": "refined-codes"}, champion, rules)
+    assert other.promoted, other.reason
+    assert {r.name: r.note for r in other.rules}["max_nll_rise"].startswith("other image tokenizer")
+    worse = decide({**evaluation(0.70, 0.45), "image_tokenizer": "refined-codes"}, champion, rules)
+    assert worse.failed_rules == ["max_fidelity_drop"]  # the other rules still apply
+
+
 def test_other_held_out_data_is_refused_not_compared():
     other = evaluation(0.9, 1.0, key={**KEY, "data_digest": "heldout-2"})
     decision = decide(evaluation(0.1, 5.0), other, RegistryConfig())

@@ -61,6 +61,8 @@ def test_exponent_without_a_dot_reads_as_a_float(tmp_path):
         ("image_tokenizer.quantize_after=1", "quantize_after must be in"),
         ("image_tokenizer.kmeans_images=0", "kmeans_images"),
         ("image_tokenizer.edge_weight=-1", "edge_weight"),
+        ("image_tokenizer.refine_candidates=0", "refine_candidates=0: use >= 1"),
+        ("image_tokenizer.refine_margin=-0.1", "refine_margin=-0.1: use >= 0"),
         ("image_tokenizer.keep_checkpoints=1", "one to fall back on"),
         ("image_tokenizer.channels=14", "channels=14: use a multiple of 4"),
         ("text_tokenizer.vocab_size=100000", "vocab_size=100000"),

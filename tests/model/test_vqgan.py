@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from parti_ops.model import vqgan as vqgan_module
 from parti_ops.model import vqgan_train
 from parti_ops.model.checkpoint import (
     CheckpointError,
@@ -74,6 +75,65 @@ def test_codes_have_the_grid_shape_and_decode_back(architecture):
         torch.testing.assert_close(from_codes, model.decode(quantized), atol=1e-5, rtol=1e-5)
 
 
+def _reconstruction_errors(model: VQGAN, codes: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return (model.decode_codes(codes) - x).square().mean(dim=(1, 2, 3))
+
+
+def test_tokenize_without_refinement_gives_the_codes_of_the_forward_pass():
+    torch.manual_seed(0)
+    config = dataclasses.replace(TINY, architecture="patch", refine_candidates=1)
+    model = VQGAN(config=config, image_size=16).eval()
+    x = to_unit(_images(3))
+    assert torch.equal(model.tokenize(x), model.encode(x)[1])
+
+
+@pytest.mark.parametrize("architecture", ["conv", "patch", "vit"])
+def test_refined_codes_reconstruct_each_image_closer(architecture):
+    torch.manual_seed(0)
+    config = dataclasses.replace(
+        TINY, architecture=architecture, refine_candidates=8, refine_margin=0
+    )
+    model = VQGAN(config=config, image_size=16).eval()
+    x = to_unit(_images(4))
+    with torch.no_grad():
+        candidates = model.quantizer.nearest(model.encoder(x), 8)
+    codes = model.tokenize(x)
+    nearest = candidates[..., 0]
+    assert (codes.unsqueeze(-1) == candidates).any(dim=-1).all()
+    assert not torch.equal(codes, nearest)  # an untrained codebook: the nearest code is poor
+    refined, plain = (
+        _reconstruction_errors(model, codes, x),
+        _reconstruction_errors(model, nearest, x),
+    )
+    assert (refined <= plain).all() and (refined < plain).any()
+    assert not model.tokenize(x).requires_grad and model.tokenize(x[:1]).shape == (1, 4, 4)
+
+
+def test_refinement_keeps_the_nearest_code_unless_the_gain_passes_the_margin():
+    torch.manual_seed(0)
+    config = dataclasses.replace(TINY, architecture="patch", refine_candidates=8)
+    model = VQGAN(config=config, image_size=16).eval()
+    x = to_unit(_images(3))
+    nearest = model.encode(x)[1]
+    model.config = dataclasses.replace(config, refine_margin=1e6)
+    assert torch.equal(model.tokenize(x), nearest)
+    model.config = dataclasses.replace(config, refine_candidates=10**6)  # at most every code
+    assert model.tokenize(x).shape == nearest.shape
+
+
+def test_context_blocks_train_under_torch_compile_as_in_eager():
+    torch.manual_seed(0)
+    block = vqgan_module._ContextBlock(8)
+    x = torch.randn(2, 8, 4, 4)
+    eager_out = block(x.requires_grad_(True))
+    (eager_grad,) = torch.autograd.grad(eager_out.square().sum(), x)
+    compiled_out = torch.compile(block)(x)
+    (compiled_grad,) = torch.autograd.grad(compiled_out.square().sum(), x)
+    torch.testing.assert_close(compiled_out, eager_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled_grad, eager_grad, atol=1e-5, rtol=1e-5)
+
+
 def test_rotation_trick_returns_the_codes_and_rotates_the_gradient():
     torch.manual_seed(0)
     vectors = F.normalize(torch.randn(5, 8), dim=-1).requires_grad_(True)
@@ -128,10 +188,12 @@ def test_the_decoder_reads_scaled_unit_vectors_and_older_folders_load_unscaled(t
     # read the unit vectors, and its encoder had no context blocks.
     model.save_pretrained(tmp_path)
     body = json.loads((tmp_path / "config.json").read_text())
-    del body["image_tokenizer"]["scaled_lookup"], body["image_tokenizer"]["encoder_context"]
+    for field in ("scaled_lookup", "encoder_context", "refine_candidates"):
+        del body["image_tokenizer"][field]
     (tmp_path / "config.json").write_text(json.dumps(body))
     old = VQGAN.from_pretrained(tmp_path)
     assert not old.config.scaled_lookup and old.config.encoder_context == 0
+    assert old.config.refine_candidates == 1  # its codes were the nearest ones
     with torch.no_grad():
         unscaled = project_out(model.quantizer.codebook[codes]).permute(0, 3, 1, 2)
         torch.testing.assert_close(old.quantizer.lookup(codes), unscaled)
