@@ -8,7 +8,8 @@ the preset's sizes (speed does not depend on the data), in one process; each fig
 the throughput of the last `--steps` steps, after `--warmup` steps that hold
 torch.compile's compilation. `compiled_vs_eager` is their ratio; `muon_vs_adamw` that of
 the eager run against one with `train.optimizer=adamw` (Muon's Newton–Schulz iterations
-cost time per step; its gain is in fewer steps). On a GPU the preset's
+cost time per step; its gain is in fewer steps); `relu2_vs_gelu` that of the eager run
+against one with `parti.activation=gelu`. On a GPU the preset's
 precision applies (bf16 autocast) and MFU is model FLOPs (6 per parameter per token plus
 attention) over the GPU's dense bf16 peak.
 """
@@ -97,6 +98,12 @@ def main() -> None:
         )
         result["eager_adamw"] = adamw
         result["muon_vs_adamw"] = round(eager["tokens_per_s"] / adamw["tokens_per_s"], 3)
+    if config.parti.activation != "gelu":
+        gelu = config.merge({"parti": {"activation": "gelu"}})
+        result["eager_gelu"] = measure(gelu, dims, data, args.steps, args.warmup, compile_=False)
+        result["relu2_vs_gelu"] = round(
+            eager["tokens_per_s"] / result["eager_gelu"]["tokens_per_s"], 3
+        )
     if not args.no_compile:
         compiled = measure(config, dims, data, args.steps, args.warmup, compile_=True)
         result["compiled"] = compiled

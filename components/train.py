@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,7 @@ def _train(config, manifest, encoded_dir, text_dir, image_dir, out: Path, resume
     if run is not None:
         run.log(params=config.flat())
     log.info("training Parti on %d rows for %d steps", len(data), config.train.steps)
+    started = time.perf_counter()
     with progress_bar("decoder") if run is not None else contextlib.nullcontext(None) as update:
         model = fit(
             config.parti,
@@ -113,6 +115,8 @@ def _train(config, manifest, encoded_dir, text_dir, image_dir, out: Path, resume
         "steps": config.train.steps,
         "parameters": model.num_parameters(),
         "train_rows": len(data),
+        # Wall time of fit(): this run's steps (after a resume, only those since).
+        "train_seconds": round(time.perf_counter() - started, 1),
         "history": history,
     }
     heldout = data  # the sample grid's captions: the last held-out split, else training

@@ -282,6 +282,10 @@ class PartiConfig:
     tie_head: bool = True  # the output head shares the image-code embedding matrix
     prompt_start: bool = True  # add the pooled caption to the start token's input
     qk_norm: bool = True  # LayerNorm on each head's queries and keys
+    # The MLP's activation: "relu2" (relu(x)², So et al. 2021) or "gelu".
+    activation: str = "relu2"
+    # Output projections of attention and MLP start at zero: each layer starts as the identity.
+    zero_init: bool = True
 
     def __post_init__(self) -> None:
         p = "parti."
@@ -295,6 +299,9 @@ class PartiConfig:
             f"{p}encoder_layers and decoder_layers must be >= 1",
         )
         _check(self.mlp_ratio >= 1, f"{p}mlp_ratio must be >= 1")
+        _check(
+            self.activation in ("relu2", "gelu"), f"{p}activation={self.activation!r}: relu2|gelu"
+        )
         _check(0 <= self.dropout < 1, f"{p}dropout must be in [0, 1)")
 
 
@@ -302,10 +309,11 @@ class PartiConfig:
 class TrainConfig:
     """Decoder training: one `fit()` for CPU, one GPU, or many processes under torchrun."""
 
-    # The CPU preset: 1300 steps of 32 took 8.7 minutes (all of `parti train`, Muon) on 2
-    # AVX2 cores (`parti.d_model` 64, about 20k tokens/s). Prompt following grows
-    # with the number of steps far more than with width: in about the same time, width 64
-    # for 1800 steps drew the exact scene 44 % of the time, width 128 for 900 steps 10 %.
+    # The CPU preset: 1300 steps of 32 took 9.7 minutes of training (10.1 for all of
+    # `parti train`) on 2 AVX2 cores (`parti.d_model` 64, about 18-21k tokens/s). Prompt
+    # following grows with the number of steps far more than with width: in about the
+    # same time, width 64 for 1800 steps drew the exact scene 44 % of the time, width 128
+    # for 900 steps 10 %.
     # Batches of 16 (3600 steps) or 64 (900 steps) of the same tokens did worse than 32
     # (34 % and 21 %).
     steps: int = 1300
@@ -328,7 +336,10 @@ class TrainConfig:
     lr: float = 1.8e-2
     muon_lr_scale: float = 0.25
     warmup_steps: int = 50
-    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    # After warm-up: "wsd" holds the peak rate, then falls in a straight line over the
+    # last 40 % of the steps (model/schedule.py); "cosine" decays from the end of warm-up.
+    schedule: str = "wsd"
+    min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
     weight_decay: float = 0.01  # decoupled; hidden matrices only, not norms, biases or embeddings
     beta2: float = 0.98
     grad_clip: float = 1.0
@@ -369,6 +380,7 @@ class TrainConfig:
         _check(self.optimizer in ("muon", "adamw"), f"{p}optimizer={self.optimizer!r}: muon|adamw")
         _check(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, f"{p}lr > 0, min_lr_ratio in [0, 1]")
         _check(self.muon_lr_scale > 0, f"{p}muon_lr_scale must be > 0")
+        _check(self.schedule in ("wsd", "cosine"), f"{p}schedule={self.schedule!r}: wsd|cosine")
         _check(
             self.warmup_steps >= 0 and self.weight_decay >= 0, f"{p}warmup_steps, weight_decay >= 0"
         )

@@ -101,11 +101,19 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).flatten(2))  # (B, n, D)
 
 
+class ReLUSquared(nn.Module):
+    """relu(x)² (So et al. 2021, "Primer"), the MLP activation of `parti.activation` relu2."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(x)
+        return y * y
+
+
 class MLP(nn.Sequential):
-    def __init__(self, d_model: int, ratio: int, dropout: float):
+    def __init__(self, d_model: int, ratio: int, dropout: float, activation: str = "gelu"):
         super().__init__(
             nn.Linear(d_model, ratio * d_model),
-            nn.GELU(),
+            ReLUSquared() if activation == "relu2" else nn.GELU(),
             nn.Linear(ratio * d_model, d_model),
             nn.Dropout(dropout),
         )
@@ -116,7 +124,7 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
         self.attn = Attention(cfg.d_model, cfg.heads, cfg.dropout, cfg.qk_norm)
-        self.mlp = MLP(cfg.d_model, cfg.mlp_ratio, cfg.dropout)
+        self.mlp = MLP(cfg.d_model, cfg.mlp_ratio, cfg.dropout, cfg.activation)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)
@@ -130,7 +138,7 @@ class DecoderLayer(nn.Module):
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(cfg.d_model) for _ in range(3))
         self.self_attn = Attention(cfg.d_model, cfg.heads, cfg.dropout, cfg.qk_norm)
         self.cross_attn = Attention(cfg.d_model, cfg.heads, cfg.dropout, cfg.qk_norm)
-        self.mlp = MLP(cfg.d_model, cfg.mlp_ratio, cfg.dropout)
+        self.mlp = MLP(cfg.d_model, cfg.mlp_ratio, cfg.dropout, cfg.activation)
 
     def forward(
         self,
@@ -191,6 +199,15 @@ class Parti(nn.Module):
         self.apply(_init_weights)
         for p in (self.text_pos, self.row_pos, self.col_pos, self.null_text):
             nn.init.normal_(p, std=0.02)
+        if config.zero_init:
+            # Every residual branch starts at zero, so each layer starts as the identity
+            # (the output projections of attention and MLP; as in Jordan et al.'s
+            # modded-nanogpt).
+            for layer in [*self.encoder, *self.decoder]:
+                for attn in (getattr(layer, n, None) for n in ("attn", "self_attn", "cross_attn")):
+                    if attn is not None:
+                        nn.init.zeros_(attn.out.weight)
+                nn.init.zeros_(layer.mlp[2].weight)
 
     @property
     def start_token(self) -> int:
@@ -309,8 +326,9 @@ class Parti(nn.Module):
         try:
             body: dict[str, Any] = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
             # Folders written before these options existed hold models without them.
-            for option in ("prompt_start", "qk_norm"):
+            for option in ("prompt_start", "qk_norm", "zero_init"):
                 body["parti"].setdefault(option, False)
+            body["parti"].setdefault("activation", "gelu")
             model = cls(config=PartiConfig(**body["parti"]), dims=PartiDims(**body["dims"]))
             state = load_file(folder / WEIGHTS, device=str(device))
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:

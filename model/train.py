@@ -53,7 +53,7 @@ MODEL = "parti"  # the trained model's folder under the output folder
 # Fields that shape the weights: a checkpoint made with others cannot be resumed.
 MODEL_FIELDS = {
     "d_model", "encoder_layers", "decoder_layers", "heads", "mlp_ratio", "tie_head",
-    "prompt_start", "qk_norm", "text_vocab", "text_length", "codebook_size", "grid",
+    "prompt_start", "qk_norm", "activation", "text_vocab", "text_length", "codebook_size", "grid",
 }  # fmt: skip
 # Dense bf16 peak of one GPU, for MFU; other GPUs report tokens/s only.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
@@ -159,10 +159,12 @@ def caption_drops(step: int, batch_size: int, rate: float, seed: int) -> torch.T
 
 def _optimizer(model: Parti, train: TrainConfig) -> MuonAdamW:
     """Muon or AdamW for the hidden matrices, which alone take weight decay; AdamW for the
-    rest (norms, biases, embeddings and the head tied to them, positions)."""
+    rest (norms, biases, embeddings, the output head tied or not, positions): Muon is for
+    hidden layers, not a network's input and output (Jordan et al. 2024)."""
     matrices, rest = [], []
     for name, p in model.named_parameters():
-        is_matrix = p.ndim == 2 and "embed" not in name and not name.endswith("_pos")
+        is_matrix = p.ndim == 2 and not name.startswith(("text_embed", "code_embed", "head"))
+        is_matrix = is_matrix and not name.endswith("_pos")
         (matrices if is_matrix else rest).append(p)
     muon = train.optimizer == "muon"
     groups = [
@@ -285,7 +287,7 @@ def _fit(
                 # The data position, the learning rate and the dropout seeds follow from
                 # the step: batch_indices, lr_factor, one seed per micro-step.
                 "rows_seen": step * train.batch_size,
-                "lr": train.lr * lr_factor(step, train),
+                "lr": train.lr * lr_factor(step, train, train.schedule),
             }
             save_checkpoint(ckpt_dir, step, tensors, meta, keep=train.keep_checkpoints)
         procs.barrier()
@@ -301,7 +303,7 @@ def _fit(
                 checkpoint()
                 log.warning("preempted at step %d: checkpoint written", step)
                 raise SystemExit(PREEMPTED_EXIT_CODE)
-            lr = train.lr * lr_factor(step, train)
+            lr = train.lr * lr_factor(step, train, train.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             rows = batch_indices(step, train.batch_size, len(data), train.seed)

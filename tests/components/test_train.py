@@ -36,6 +36,7 @@ def test_the_step_writes_a_self_contained_bundle_and_an_mlflow_run(tmp_path, inp
     out = tmp_path / "bundle"
     assert json.loads((out / REPORT).read_text()) == report
     assert report["validation_bits_per_token"] > 0 and report["test_bits_per_token"] > 0
+    assert report["train_seconds"] > 0
     samples = Image.open(out / SAMPLES)
     assert samples.size == (4 * 2 * 32, 2 * 32)  # 8 (sample | reference) pairs, 4 a row
     bundle = TextToImage.load(out)
@@ -50,6 +51,7 @@ def test_the_step_writes_a_self_contained_bundle_and_an_mlflow_run(tmp_path, inp
     )[0]
     assert run.info.status == "FINISHED"
     assert run.data.metrics["test_bits_per_token"] == pytest.approx(report["test_bits_per_token"])
+    assert run.data.metrics["train_seconds"] == pytest.approx(report["train_seconds"])
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 6
 
 

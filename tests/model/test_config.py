@@ -67,6 +67,8 @@ def test_exponent_without_a_dot_reads_as_a_float(tmp_path):
         ("image_tokenizer.channels=14", "channels=14: use a multiple of 4"),
         ("text_tokenizer.vocab_size=100000", "vocab_size=100000"),
         ("text_tokenizer.kind=wordpiece", "unigram|bpe"),
+        ("train.schedule=linear", r"train.schedule='linear': wsd\|cosine"),
+        ("parti.activation=silu", r"parti.activation='silu': relu2\|gelu"),
     ],
 )
 def test_bad_overrides_name_the_field(override, message):

@@ -18,7 +18,9 @@ from parti_ops.model.sampling import (
 )
 
 DIMS = PartiDims(text_vocab=40, text_length=12, codebook_size=32, grid=4)
-CONFIG = PartiConfig(d_model=32, encoder_layers=2, decoder_layers=2, heads=4)
+# Random output projections (not the preset's zero start): every path of an untrained
+# model then changes the logits, so the cache and guidance checks below can fail.
+CONFIG = PartiConfig(d_model=32, encoder_layers=2, decoder_layers=2, heads=4, zero_init=False)
 
 
 def _model(seed: int = 0, **changes) -> Parti:
@@ -161,6 +163,32 @@ def test_the_null_caption_ignores_the_text():
     assert not torch.allclose(b, c)
 
 
+def test_zero_init_starts_every_layer_as_the_identity():
+    model = _model(zero_init=True)
+    x = torch.randn(3, 9, CONFIG.d_model)
+    mask = torch.ones(3, 1, 1, 9, dtype=torch.bool)
+    cross = model.decoder[0].cross_attn.keys_values(torch.randn(3, 5, CONFIG.d_model))
+    text_mask = torch.ones(3, 1, 1, 5, dtype=torch.bool)
+    empty = torch.zeros(3, CONFIG.heads, 0, CONFIG.d_model // CONFIG.heads)
+    with torch.no_grad():
+        assert torch.equal(model.encoder[0](x, mask), x)
+        out, _ = model.decoder[0](x, (empty, empty), cross, text_mask)
+    assert torch.equal(out, x)
+    # Without it the same layers change their input.
+    with torch.no_grad():
+        assert not torch.allclose(_model().encoder[0](x, mask), x)
+
+
+def test_mlp_activations():
+    x = torch.linspace(-2, 2, 9)
+    relu2 = _model(activation="relu2").decoder[0].mlp[1]
+    gelu = _model(activation="gelu").decoder[0].mlp[1]
+    torch.testing.assert_close(relu2(x), x.clamp(min=0) ** 2)
+    torch.testing.assert_close(gelu(x), torch.nn.functional.gelu(x))
+    with pytest.raises(ConfigError, match=r"parti.activation='swish': relu2\|gelu"):
+        PartiConfig(activation="swish")
+
+
 def test_save_and_load_round_trip(tmp_path):
     model = _model(tie_head=False)
     model.save_pretrained(tmp_path / "m")
@@ -169,14 +197,21 @@ def test_save_and_load_round_trip(tmp_path):
     state = loaded.state_dict()
     for name, value in model.state_dict().items():
         assert torch.equal(value, state[name]), name
-    # A folder from before `prompt_start` and `qk_norm` existed loads as such a model.
-    older = _model(prompt_start=False, qk_norm=False)
+    # A folder from before `prompt_start`, `qk_norm` and `activation` existed loads as such
+    # a model (GELU), with the same outputs.
+    older = _model(prompt_start=False, qk_norm=False, activation="gelu")
     older.save_pretrained(tmp_path / "old")
     config = tmp_path / "old" / "config.json"
     body = json.loads(config.read_text())
-    del body["parti"]["prompt_start"], body["parti"]["qk_norm"]
+    for option in ("prompt_start", "qk_norm", "activation", "zero_init"):
+        del body["parti"][option]
     config.write_text(json.dumps(body))
-    assert not Parti.from_pretrained(tmp_path / "old").config.qk_norm
+    old = Parti.from_pretrained(tmp_path / "old")
+    assert not old.config.qk_norm and old.config.activation == "gelu"
+    ids, mask = _prompts()
+    codes = torch.randint(0, DIMS.codebook_size, (3, DIMS.image_length))
+    with torch.no_grad():
+        torch.testing.assert_close(old(ids, mask, codes), older(ids, mask, codes))
     (tmp_path / "m" / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="not a Parti model folder"):
         Parti.from_pretrained(tmp_path / "m")

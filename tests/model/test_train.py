@@ -10,7 +10,15 @@ import torch
 from parti_ops.model.checkpoint import PREEMPTED_EXIT_CODE, CheckpointError, list_checkpoints
 from parti_ops.model.config import PartiConfig, TrainConfig
 from parti_ops.model.parti import Parti, PartiDims
-from parti_ops.model.train import CHECKPOINTS, MODEL, CodeData, caption_drops, fit, heldout_nll
+from parti_ops.model.train import (
+    CHECKPOINTS,
+    MODEL,
+    CodeData,
+    _optimizer,
+    caption_drops,
+    fit,
+    heldout_nll,
+)
 
 DIMS = PartiDims(text_vocab=24, text_length=8, codebook_size=16, grid=4)
 CONFIG = PartiConfig(d_model=32, encoder_layers=1, decoder_layers=2, heads=4, dropout=0.1)
@@ -79,6 +87,9 @@ def test_resuming_with_another_model_config_names_the_fields(tmp_path):
     plain = dataclasses.replace(CONFIG, qk_norm=False)
     with pytest.raises(CheckpointError, match="qk_norm: True in checkpoint, False now"):
         fit(plain, TRAIN, DIMS, data, tmp_path, resume=True)
+    gelu = dataclasses.replace(CONFIG, activation="gelu")
+    with pytest.raises(CheckpointError, match="activation: 'relu2' in checkpoint, 'gelu' now"):
+        fit(gelu, TRAIN, DIMS, data, tmp_path, resume=True)
     # Muon's momentum cannot continue AdamW's moments.
     adamw = dataclasses.replace(TRAIN, optimizer="adamw")
     with pytest.raises(CheckpointError, match="optimizer: 'muon' in checkpoint, 'adamw' now"):
@@ -123,3 +134,15 @@ def test_the_first_code_is_learned_from_the_caption(tmp_path):
         unconditional = model(data.text_ids, data.text_mask, codes, null)[:, 0].argmax(-1)
     assert (conditional == first).float().mean() >= 0.95
     assert (unconditional == first).float().mean() <= 0.5  # the null caption cannot know
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_input_and_output():
+    model = Parti(config=dataclasses.replace(CONFIG, tie_head=False), dims=DIMS)
+    names = {id(p): name for name, p in model.named_parameters()}
+    hidden, rest = (
+        {names[id(p)] for p in group["params"]} for group in _optimizer(model, TRAIN).param_groups
+    )
+    assert {"decoder.0.mlp.0.weight", "decoder.1.cross_attn.kv.weight"} <= hidden
+    outer = {"head.weight", "code_embed.weight", "text_embed.weight", "row_pos", "text_pos"}
+    assert outer <= rest and not outer & hidden
+    assert hidden | rest == set(names.values())

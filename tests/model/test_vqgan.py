@@ -213,6 +213,11 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[9:], factors[10:], strict=False))
     assert lr_factor(100, config) == pytest.approx(0.1)
+    # "wsd": the peak until the last 40 % of the steps, then a straight line to the floor.
+    wsd = [lr_factor(s, config, "wsd") for s in range(101)]
+    assert wsd[:10] == factors[:10] and wsd[10:61] == [1.0] * 51
+    assert wsd[80] == pytest.approx(0.55) and wsd[100] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(wsd[60:], wsd[61:], strict=False))
 
 
 def test_training_reduces_the_loss_and_saves_the_model(tmp_path):
