@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 MODEL = "parti"  # the trained model's folder under the output folder
-# Fields that shape the weights: a checkpoint made with others cannot be resumed.
+# Fields that shape the weights or what they compute: a checkpoint made with others
+# cannot be resumed.
 MODEL_FIELDS = {
     "d_model", "encoder_layers", "decoder_layers", "heads", "mlp_ratio", "tie_head",
     "prompt_start", "qk_norm", "activation", "text_vocab", "text_length", "codebook_size", "grid",
