@@ -110,7 +110,7 @@ class ReLUSquared(nn.Module):
 
 
 class MLP(nn.Sequential):
-    def __init__(self, d_model: int, ratio: int, dropout: float, activation: str = "gelu"):
+    def __init__(self, d_model: int, ratio: int, dropout: float, activation: str):
         super().__init__(
             nn.Linear(d_model, ratio * d_model),
             ReLUSquared() if activation == "relu2" else nn.GELU(),
@@ -203,11 +203,11 @@ class Parti(nn.Module):
             # Every residual branch starts at zero, so each layer starts as the identity
             # (the output projections of attention and MLP; as in Jordan et al.'s
             # modded-nanogpt).
-            for layer in [*self.encoder, *self.decoder]:
-                for attn in (getattr(layer, n, None) for n in ("attn", "self_attn", "cross_attn")):
-                    if attn is not None:
-                        nn.init.zeros_(attn.out.weight)
-                nn.init.zeros_(layer.mlp[2].weight)
+            for module in self.modules():
+                if isinstance(module, Attention):
+                    nn.init.zeros_(module.out.weight)
+                elif isinstance(module, MLP):
+                    nn.init.zeros_(module[2].weight)
 
     @property
     def start_token(self) -> int:
