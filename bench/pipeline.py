@@ -74,7 +74,7 @@ def direct(config: Config, root: Path) -> None:
     register_step(cfg, parent, str(root / "model"), str(root / "evaluation"),
                   str(root / "encoded"), str(root / "decision"), reevaluate=reevaluate)  # fmt: skip
     export_step(cfg, parent, str(root / "repository"))
-    smoke_test_step(cfg, parent, str(root / "repository"), str(root / "smoke"))
+    smoke_test_step(cfg, parent, str(root / "repository"), str(accepted), str(root / "smoke"))
     end_pipeline_run(config, run_id)
 
 

@@ -1,20 +1,27 @@
-"""The pinned evaluator: held-out NLL, prompt fidelity, CLIP score and FID of a bundle.
+"""The pinned evaluator: works on any captioned data; the attribute oracle where it can.
 
 Everything a number depends on is fixed and recorded: the held-out rows (by the data's
 DVC digest), the feature model (by the digest of its files), the prompts (the first
-`evaluate.prompts` captioned rows of each held-out split), the sampling settings and the
-seeds. The same bundle evaluated twice gives the same numbers, and two bundles are
-compared only when their evaluations share that key.
+`evaluate.prompts` captioned rows of each held-out split, `evaluate.seen_prompts` of
+`train`), the sampling settings and the seeds. The same bundle evaluated twice gives the
+same numbers, and two bundles are compared only when their evaluations share that key.
 
 - **NLL**: bits per token of the held-out images' codes given their captions, encoded
   with the bundle's own tokenizers (so bundles with other tokenizers stay comparable).
-- **Prompt fidelity**: the attribute oracle reads each sample back (`read_scene`) and
-  `compare`s it with the caption's scene: per attribute, per split (`validation`: unseen
-  captions of seen (colour, shape) pairs; `test`: pairs never seen in training).
+- **Prompt following** (any data): with the feature model, does a prompt's own sample
+  score above the samples made for the other prompts? The share of other prompts it
+  beats, averaged; chance is 0.5. The same score of the real images says how far the
+  feature model can tell this data's captions apart at all, and caption → image
+  retrieval R@1 among the real images how well it matches them.
+- **Prompt fidelity** (synthetic scenes only): the attribute oracle reads each sample
+  back (`read_scene`) and `compare`s it with the caption's scene, per attribute and split.
 - **CLIP score and FID**: torchmetrics' `CLIPScore` and `FrechetInceptionDistance`, with
-  the in-house scorer (or a local Hugging Face CLIP) as the model. FID's statistics of the
-  real held-out images are computed once per (data digest, feature model) and kept in a
-  references folder.
+  the in-house scorer (or a local Hugging Face CLIP) as the model. FID's statistics of
+  the real validation images are computed once per (data digest, feature model) and
+  kept in a references folder.
+
+Every per-prompt score carries a 95 % bootstrap interval; what could not be computed is
+listed with the reason in `evaluation.json`'s `not_computed`, never left out silently.
 """
 
 from __future__ import annotations
@@ -32,8 +39,15 @@ import torch
 from PIL import Image
 
 from parti_ops.components.scorer import scorer_version
-from parti_ops.components.shards import HELDOUT_SPLITS, read_manifest, write_json
-from parti_ops.components.tokenizers import iter_split, load_pairs, parse_scene
+from parti_ops.components.shards import (
+    HELDOUT_SPLITS,
+    SEEN_SPLIT,
+    TUNING_SPLIT,
+    read_manifest,
+    write_json,
+)
+from parti_ops.components.stats import mean_interval, rank_wins, top1
+from parti_ops.components.tokenizers import decode_png, iter_split, load_captioned, parse_scene
 from parti_ops.components.versioning import files_digest
 from parti_ops.model.config import Config, SampleConfig
 from parti_ops.model.scenes import compare, read_scene
@@ -86,7 +100,12 @@ class FeatureModel:
 
     @torch.inference_mode()
     def text_features(self, captions: Sequence[str]) -> torch.Tensor:
-        text = self.processor(text=list(captions), return_tensors="pt", padding=True)
+        # A Hugging Face CLIP has a fixed number of positions; the scorer cuts its own.
+        text_config = getattr(self.model.config, "text_config", None)
+        cut = {} if text_config is None else {
+            "truncation": True, "max_length": text_config.max_position_embeddings
+        }  # fmt: skip
+        text = self.processor(text=list(captions), return_tensors="pt", padding=True, **cut)
         return _tensor(self.model.get_text_features(text["input_ids"], text["attention_mask"]))
 
     def reranker(self):
@@ -143,20 +162,29 @@ def _fid(features: FeatureModel):
 def fid_references(
     data_dir: str | Path, features: FeatureModel, folder: str | Path, limit: int
 ) -> Path:
-    """FID's real statistics of up to `limit` held-out images, computed once per key.
+    """FID's real statistics of up to `limit` validation images, computed once per key.
 
-    The file is named by (data digest, feature model, limit) and reused when present.
+    The file is named by (data digest, feature model, split, limit) and reused when present.
+
+    Raises:
+        EvaluationError: when the validation split has fewer than 2 captioned images.
     """
     digest = read_manifest(data_dir)["data_digest"]
-    name = f"fid-{digest.removesuffix('.dir')}-{features.version[:16]}-{limit}.safetensors"
+    name = (
+        f"fid-{digest.removesuffix('.dir')}-{features.version[:16]}-{TUNING_SPLIT}-{limit}"
+        ".safetensors"
+    )
     path = Path(folder) / name
     if path.is_file():
         return path
     from safetensors.torch import save_file
 
-    images = torch.cat([load_pairs(data_dir, split)[0] for split in HELDOUT_SPLITS])[:limit]
+    images = _first_captioned(data_dir, TUNING_SPLIT, limit)[0]
     if len(images) < 2:
-        raise EvaluationError(f"{data_dir}: FID needs >= 2 held-out images, found {len(images)}")
+        raise EvaluationError(
+            f"{data_dir}: FID needs >= 2 captioned images in split {TUNING_SPLIT!r}, found"
+            f" {len(images)}; give the data a validation split (data.validation_fraction)"
+        )
     metric = _fid(features)
     for start in range(0, len(images), 256):
         metric.update(images[start : start + 256].permute(0, 3, 1, 2), real=True)
@@ -168,12 +196,37 @@ def fid_references(
         metadata={
             "data_digest": digest,
             "feature_model": features.version,
+            "split": TUNING_SPLIT,
             "images": str(len(images)),
         },
     )
     tmp.replace(path)  # atomic: a concurrent evaluation never reads half a file
-    log.info("FID reference statistics of %d held-out images: %s", len(images), path)
+    log.info("FID reference statistics of %d validation images: %s", len(images), path)
     return path
+
+
+def _first_captioned(
+    data_dir: str | Path, split: str, limit: int
+) -> tuple[torch.Tensor, list[str], list[Any]]:
+    """The first `limit` captioned rows of a split: images, captions and scenes (or None)."""
+    images, captions, scenes = [], [], []
+    for table in iter_split(data_dir, split, ["image", "caption", "metadata"]):
+        for image, caption, metadata in zip(
+            table["image"].to_pylist(),
+            table["caption"].to_pylist(),
+            table["metadata"].to_pylist(),
+            strict=True,
+        ):
+            if len(captions) == limit:
+                break
+            if caption:
+                images.append(decode_png(image))
+                captions.append(caption)
+                scenes.append(parse_scene(metadata))
+        if len(captions) == limit:
+            break
+    stacked = torch.from_numpy(np.stack(images)) if images else torch.empty(0, 0, 0, 3)
+    return stacked.to(torch.uint8), captions, scenes
 
 
 def heldout_prompts(data_dir: str | Path, split: str, limit: int) -> list[tuple[str, Any]]:
@@ -212,6 +265,31 @@ def evaluation_key(config: Config, data_dir: str | Path, features: FeatureModel)
     }
 
 
+class _Scores:
+    """What one evaluation measured, and why anything was not: `evaluation.json`'s body."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, float] = {}
+        self.intervals: dict[str, list[float]] = {}
+        self.per_prompt: dict[str, list[float]] = {}
+        self.chance: dict[str, float] = {}
+        self.not_computed: dict[str, str] = {}
+
+    def add(self, name: str, values, *, chance: float | None = None, keep: bool = False):
+        """The mean of per-prompt `values` with its bootstrap interval."""
+        values = np.asarray(values, dtype=np.float64)
+        self.metrics[name] = float(values.mean())
+        self.intervals[name] = list(mean_interval(values))
+        if chance is not None:
+            self.chance[name] = chance
+        if keep:  # the gate pairs these with the champion's, prompt by prompt
+            self.per_prompt[name] = [round(float(v), 6) for v in values]
+
+    def skip(self, name: str, why: str) -> None:
+        self.not_computed[name] = why
+        log.warning("evaluation: %s not computed: %s", name, why)
+
+
 def evaluate_bundle(
     config: Config,
     bundle_dir: str | Path,
@@ -220,20 +298,28 @@ def evaluate_bundle(
     out_dir: str | Path,
     references_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a trained bundle on the held-out splits of the accepted data.
+    """Evaluate a trained bundle on any captioned data; the oracle only where rows have scenes.
 
-    Writes `evaluation.json` (`{"metrics", "key"}`), `report.md` and `samples.png`
-    into `out_dir`; returns what `evaluation.json` holds.
+    Per split (`train`: seen captions, `validation`, `test`): bits per image token of all
+    captioned held-out rows; for the first `evaluate.prompts` captions (`seen_prompts` of
+    `train`) one sample each, and from the feature model: prompt following (how often a
+    prompt's own sample outscores the other prompts' samples; chance 0.5), the same score
+    of the real images, caption → image retrieval R@1 among the real images, CLIP score;
+    the attribute oracle's accuracy where the rows carry synthetic scenes. FID compares
+    the validation samples with the validation images. Each score has a 95 % bootstrap
+    interval over prompts. Writes `evaluation.json` (what was measured, and why anything
+    was not), `report.md` and `samples.png` (caption | generated | real) into `out_dir`.
 
     Args:
         feature_dir: the scorer folder (`parti scorer train`) or a local Hugging Face CLIP;
             `scorer.clip_model`, when set, wins over it.
         references_dir: where FID reference statistics are kept; default `out_dir/references`.
-    """
-    from torchmetrics.multimodal.clip_score import CLIPScore
 
+    Raises:
+        EvaluationError: when the data has no captioned held-out row at all.
+    """
     from parti_ops.model.generate import TextToImage
-    from parti_ops.model.train import heldout_nll
+    from parti_ops.model.train import bits_per_row
 
     bundle = TextToImage.load(bundle_dir)
     features = FeatureModel.load(config.scorer.clip_model or feature_dir)
@@ -241,75 +327,142 @@ def evaluate_bundle(
     out.mkdir(parents=True, exist_ok=True)
     ev, settings = config.evaluate, evaluator_sampling(config)
     torch.manual_seed(ev.seed)
-    metrics: dict[str, float] = {}
+    scores = _Scores()
 
-    token_nll, tokens = 0.0, 0
+    token_bits, tokens = 0.0, 0
     for split in HELDOUT_SPLITS:
-        images, captions = load_pairs(data_dir, split)
+        images, captions, _ = load_captioned(data_dir, split)
         if not len(images):
+            scores.skip(f"{split}/bits_per_token", f"no captioned rows in split {split!r}")
             continue
         data = _encode(bundle, images, captions)
-        bits = heldout_nll(bundle.parti, data, ev.batch_size)
-        metrics[f"{split}/bits_per_token"] = bits
-        token_nll, tokens = token_nll + bits * data.codes.numel(), tokens + data.codes.numel()
+        bits = bits_per_row(bundle.parti, data, ev.batch_size).numpy()
+        scores.add(f"{split}/bits_per_token", bits, keep=split == TUNING_SPLIT)
+        token_bits, tokens = token_bits + bits.sum(), tokens + len(bits)
     if not tokens:
-        raise EvaluationError(f"{data_dir}: no held-out rows in {' or '.join(HELDOUT_SPLITS)}")
-    metrics["heldout_bits_per_token"] = token_nll / tokens
+        raise EvaluationError(
+            f"{data_dir}: no captioned rows in {' or '.join(HELDOUT_SPLITS)}; give the data a"
+            " held-out split (data.validation_fraction, data.test_fraction)"
+        )
+    scores.metrics["heldout_bits_per_token"] = token_bits / tokens
 
     rerank = features.reranker() if settings.candidates > 1 else None
-    samples, prompts, exact = [], [], []
-    for split in HELDOUT_SPLITS:
-        pairs = heldout_prompts(data_dir, split, ev.prompts)
-        if not pairs:
+    shown: dict[str, tuple[list[str], torch.Tensor, torch.Tensor]] = {}
+    exact: list[float] = []
+    for split, limit in ((SEEN_SPLIT, ev.seen_prompts), *((s, ev.prompts) for s in HELDOUT_SPLITS)):
+        real, captions, scenes = _first_captioned(data_dir, split, limit)
+        if len(set(captions)) < 2:
+            why = "evaluate.seen_prompts is 0" if not limit else "fewer than 2 distinct captions"
+            scores.skip(f"{split}/prompt_following", f"{why} in split {split!r}")
             continue
-        images = bundle([c for c, _ in pairs], settings, rerank=rerank, batch_size=ev.batch_size)
-        scores: dict[str, list[bool]] = {}
-        for image, (_, scene) in zip(images.numpy(), pairs, strict=True):
+        generated = bundle(captions, settings, rerank=rerank, batch_size=ev.batch_size)
+        shown[split] = (captions, generated, real)
+        keep = split == TUNING_SPLIT
+        _feature_scores(scores, features, split, captions, generated, real, ev.batch_size, keep)
+        if any(scene is None for scene in scenes):
+            scores.skip(f"{split}/exact", "rows without a synthetic scene: no attribute oracle")
+            continue
+        checks: dict[str, list[bool]] = {}
+        for image, scene in zip(generated.numpy(), scenes, strict=True):
             for name, ok in compare(read_scene(image), scene).items():
-                scores.setdefault(name, []).append(ok)
-        metrics |= {f"{split}/{k}": float(np.mean(v)) for k, v in scores.items()}
-        exact += scores["exact"]
-        samples.append(images)
-        prompts += [c for c, _ in pairs]
-    if not prompts:
-        raise EvaluationError(f"{data_dir}: no held-out rows with a scene to check fidelity on")
-    metrics["fidelity"] = float(np.mean(exact))
-    generated = torch.cat(samples)
+                checks.setdefault(name, []).append(ok)
+        for name, values in checks.items():
+            scores.add(f"{split}/{name}", values, keep=keep and name == "exact")
+        if split != SEEN_SPLIT:
+            exact += checks["exact"]
+    if exact:
+        scores.add("fidelity", exact)
+    else:
+        scores.skip("fidelity", "no held-out rows with a synthetic scene for the oracle")
+    heldout = [shown[s] for s in HELDOUT_SPLITS if s in shown]
+    if heldout:
+        scores.metrics["clip_score"] = _clip_score(
+            features,
+            torch.cat([g for _, g, _ in heldout]),
+            [c for cs, _, _ in heldout for c in cs],
+            ev.batch_size,
+        )
+    else:
+        scores.skip("clip_score", "no held-out split with 2 or more distinct captions")
+    reference = None
+    if TUNING_SPLIT in shown:
+        reference = fid_references(
+            data_dir, features, references_dir or out / "references", ev.fid_images
+        )
+        fid = _fid(features)
+        _load_fid_references(fid, reference)
+        generated = shown[TUNING_SPLIT][1]
+        for start in range(0, len(generated), ev.batch_size):
+            fid.update(generated[start : start + ev.batch_size].permute(0, 3, 1, 2), real=False)
+        scores.metrics["fid"] = float(fid.compute())
+    else:
+        scores.skip("fid", f"no split {TUNING_SPLIT!r} with 2 or more distinct captions")
+
+    result = {
+        "metrics": scores.metrics,
+        "intervals": scores.intervals,
+        "chance": scores.chance,
+        "computed": sorted(scores.metrics),
+        "not_computed": scores.not_computed,
+        "key": evaluation_key(config, data_dir, features),
+        "prompts": {split: len(c) for split, (c, _, _) in shown.items()},
+        "per_prompt": scores.per_prompt,
+        "fid_reference": reference.name if reference else None,
+    }
+    write_json(out / EVALUATION, result)
+    sample_grid(shown, ev.grid_rows).save(out / SAMPLES)
+    (out / REPORT).write_text(_report(result, bundle_dir), encoding="utf-8")
+    m = scores.metrics
+    log.info(
+        "evaluation: prompt following %s (chance 0.5), %.3f bits/token, fidelity %s",
+        _fmt(m.get(f"{TUNING_SPLIT}/prompt_following")),
+        m["heldout_bits_per_token"],
+        _fmt(m.get("fidelity")),
+    )
+    return result
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _feature_scores(
+    scores: _Scores,
+    features: FeatureModel,
+    split: str,
+    captions: list[str],
+    generated: torch.Tensor,
+    real: torch.Tensor,
+    batch_size: int,
+    keep: bool,
+) -> None:
+    """Prompt following of the samples and of the real images, and retrieval R@1."""
+
+    def embed(fn, items) -> torch.Tensor:
+        chunks = [fn(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
+        return torch.nn.functional.normalize(torch.cat(chunks).float(), dim=-1)
+
+    text = embed(features.text_features, captions)  # (N, dim)
+    for name, images in (("prompt_following", generated), ("prompt_following_real", real)):
+        wins = rank_wins((text @ embed(features.image_features, images).t()).numpy(), captions)
+        scores.add(f"{split}/{name}", wins[~np.isnan(wins)], chance=0.5, keep=keep and name ==
+                   "prompt_following")  # fmt: skip
+    similarity = (text @ embed(features.image_features, real).t()).numpy()
+    scores.add(f"{split}/retrieval_r1", top1(similarity, captions), chance=1 / len(set(captions)))
+
+
+def _clip_score(
+    features: FeatureModel, images: torch.Tensor, captions: list[str], batch_size: int
+) -> float:
+    from torchmetrics.multimodal.clip_score import CLIPScore
 
     clip = CLIPScore(
         model_name_or_path=lambda: (_ClipScoreModel(features.model), features.processor)
     )
-    for start in range(0, len(generated), ev.batch_size):
-        chunk = generated[start : start + ev.batch_size].permute(0, 3, 1, 2)
-        clip.update(list(chunk), prompts[start : start + ev.batch_size])
-    metrics["clip_score"] = float(clip.compute())
-
-    reference = fid_references(
-        data_dir, features, references_dir or out / "references", ev.fid_images
-    )
-    fid = _fid(features)
-    _load_fid_references(fid, reference)
-    for start in range(0, len(generated), ev.batch_size):
-        fid.update(generated[start : start + ev.batch_size].permute(0, 3, 1, 2), real=False)
-    metrics["fid"] = float(fid.compute())
-
-    result = {
-        "metrics": metrics,
-        "key": evaluation_key(config, data_dir, features),
-        "prompts": len(prompts),
-        "fid_reference": reference.name,
-    }
-    write_json(out / EVALUATION, result)
-    _grid(torch.cat([s[:16] for s in samples]).numpy()).save(out / SAMPLES)
-    (out / REPORT).write_text(_report(result, bundle_dir), encoding="utf-8")
-    log.info(
-        "evaluation: fidelity %.1f%%, %.3f bits/token, CLIP score %.2f, FID %.2f",
-        100 * metrics["fidelity"],
-        metrics["heldout_bits_per_token"],
-        metrics["clip_score"],
-        metrics["fid"],
-    )
-    return result
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size].permute(0, 3, 1, 2)
+        clip.update(list(chunk), captions[start : start + batch_size])
+    return float(clip.compute())
 
 
 def _encode(bundle, images: torch.Tensor, captions: list[str]):
@@ -338,35 +491,65 @@ def _load_fid_references(metric, path: Path) -> None:
 
 def _report(result: dict[str, Any], bundle_dir: str | Path) -> str:
     metrics, key = result["metrics"], result["key"]
+    prompts = ", ".join(f"{n} {split}" for split, n in result["prompts"].items()) or "none"
     lines = [
         "# Evaluation",
         "",
         f"Model: `{bundle_dir}`  ",
-        f"Held-out data: `{key['data_digest']}`; evaluator `{key['evaluator'][:12]}`"
-        f" (feature model `{key['feature_model'][:12]}`); {result['prompts']} prompts.",
+        f"Data: `{key['data_digest']}`; evaluator `{key['evaluator'][:12]}`"
+        f" (feature model `{key['feature_model'][:12]}`); prompts: {prompts}.",
+        f"Settings are chosen on `{TUNING_SPLIT}`; `test` is reported, not tuned on.",
         "",
-        "| metric | value |",
-        "|---|---|",
+        "| metric | value | 95 % interval | chance |",
+        "|---|---|---|---|",
     ]
-    for name in ("fidelity", "heldout_bits_per_token", "clip_score", "fid"):
-        lines.append(f"| {name} | {metrics[name]:.4f} |")
-    attributes = sorted(
-        {k.split("/", 1)[1] for k in metrics if "/" in k and not k.endswith("bits_per_token")}
-    )
-    lines += ["", "| attribute | " + " | ".join(HELDOUT_SPLITS) + " |", "|---|---|---|"]
-    for name in attributes:
-        cells = [f"{metrics.get(f'{s}/{name}', float('nan')):.3f}" for s in HELDOUT_SPLITS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", f"![samples]({SAMPLES})", ""]
+    for name in sorted(metrics):
+        interval = result["intervals"].get(name)
+        span = f"{interval[0]:.4f} – {interval[1]:.4f}" if interval else ""
+        chance = result["chance"].get(name)
+        chance_cell = "" if chance is None else f"{chance:.4f}"
+        lines.append(f"| {name} | {metrics[name]:.4f} | {span} | {chance_cell} |")
+    if result["not_computed"]:
+        lines += ["", "Not computed:", ""]
+        lines += [f"- `{name}`: {why}" for name, why in sorted(result["not_computed"].items())]
+    lines += ["", f"![caption | generated | real]({SAMPLES})", ""]
     return "\n".join(lines)
 
 
-def _grid(images: np.ndarray, per_row: int = 8) -> Image.Image:
-    pad = (-len(images)) % per_row
-    if pad:
-        images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-    rows = [np.concatenate(images[i : i + per_row], axis=1) for i in range(0, len(images), per_row)]
-    return Image.fromarray(np.concatenate(rows, axis=0))
+def sample_grid(shown: dict[str, tuple[list[str], Any, Any]], rows: int) -> Image.Image:
+    """Up to `rows` prompts per split as rows: split and caption | generated | real image.
+
+    `shown` maps a split to (captions, generated uint8 (N, H, W, 3), real uint8 (N, H, W, 3)).
+    """
+    from PIL import ImageDraw, ImageFont
+
+    scale, text_width = 2, 360
+    items = [
+        (f"{split}: {caption}", gen, real)
+        for split, (captions, generated, images) in shown.items()
+        for caption, gen, real in list(
+            zip(captions, generated.numpy(), images.numpy(), strict=True)
+        )[:rows]  # fmt: skip
+    ]
+    if not items:
+        return Image.new("RGB", (text_width, 32), "white")
+    side = items[0][1].shape[0] * scale
+    canvas = Image.new("RGB", (text_width + 2 * side + 8, side * len(items)), "white")
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    for i, (label, gen, real) in enumerate(items):
+        top = i * side
+        for column, image in enumerate((gen, real)):
+            tile = Image.fromarray(image).resize((side, side), Image.Resampling.NEAREST)
+            canvas.paste(tile, (text_width + column * (side + 8), top))
+        draw.multiline_text((4, top + 4), _wrap(label, 56), fill="black", font=font)
+    return canvas
+
+
+def _wrap(text: str, width: int, lines: int = 4) -> str:
+    import textwrap
+
+    wrapped = textwrap.wrap(text, width) or [""]
+    return "\n".join(wrapped[:lines]) + ("…" if len(wrapped) > lines else "")
 
 
 def evaluate_step(
@@ -384,10 +567,66 @@ def evaluate_step(
     config = Config.from_json(config_json)
     with step_run(config, "evaluate", parent_run_id) as run:
         result = evaluate_bundle(config, model_dir, data_dir, scorer_dir, out_dir, references_dir)
+        intervals = {
+            f"{name}.ci_{end}": value
+            for name, (lo, hi) in result["intervals"].items()
+            for end, value in (("low", lo), ("high", hi))
+        }
         run.log(
-            metrics=result["metrics"],
-            tags={f"evaluation.{k}": v for k, v in result["key"].items()},
+            metrics={**result["metrics"], **intervals},
+            tags={
+                **{f"evaluation.{k}": v for k, v in result["key"].items()},
+                **{f"not_computed.{k}": v for k, v in result["not_computed"].items()},
+            },
         )
         for name in (EVALUATION, REPORT, SAMPLES):
             run.log_artifact(Path(out_dir) / name, "evaluation")
     return result
+
+
+def sweep_sampling(
+    config: Config,
+    bundle_dir: str | Path,
+    data_dir: str | Path,
+    feature_dir: str | Path,
+    grid: Sequence[dict[str, float]],
+) -> list[dict[str, Any]]:
+    """Score sampling settings on `validation` only, best first (by prompt following).
+
+    Each setting in `grid` overrides `sample` fields (e.g. `{"guidance_scale": 3.0}`); the
+    first `evaluate.prompts` validation captions are sampled with the evaluator's seeds.
+    `test` is never read: settings chosen here are then reported on it by `evaluate_bundle`.
+
+    Returns:
+        One entry per setting: the settings, prompt following with its interval, and the
+        oracle's exact accuracy where the rows carry scenes.
+    """
+    from parti_ops.model.generate import TextToImage
+
+    bundle = TextToImage.load(bundle_dir)
+    features = FeatureModel.load(config.scorer.clip_model or feature_dir)
+    ev = config.evaluate
+    real, captions, scenes = _first_captioned(data_dir, TUNING_SPLIT, ev.prompts)
+    if len(set(captions)) < 2:
+        raise EvaluationError(
+            f"{data_dir}: a sampling sweep needs >= 2 distinct {TUNING_SPLIT} captions"
+        )
+    results = []
+    for overrides in grid:
+        settings = replace(evaluator_sampling(config), **overrides)
+        rerank = features.reranker() if settings.candidates > 1 else None
+        generated = bundle(captions, settings, rerank=rerank, batch_size=ev.batch_size)
+        scores = _Scores()
+        _feature_scores(scores, features, TUNING_SPLIT, captions, generated, real,
+                        ev.batch_size, keep=False)  # fmt: skip
+        entry = {
+            "settings": dict(overrides),
+            "prompt_following": scores.metrics[f"{TUNING_SPLIT}/prompt_following"],
+            "interval": scores.intervals[f"{TUNING_SPLIT}/prompt_following"],
+        }
+        if all(scene is not None for scene in scenes):
+            pairs = zip(generated.numpy(), scenes, strict=True)
+            entry["exact"] = float(np.mean([compare(read_scene(i), s)["exact"] for i, s in pairs]))
+        results.append(entry)
+        log.info("sweep %s: prompt following %.3f", overrides, entry["prompt_following"])
+    return sorted(results, key=lambda e: -e["prompt_following"])

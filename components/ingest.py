@@ -11,6 +11,10 @@ Sources:
 Every source row becomes exactly one output row. A row that cannot be read or
 decoded is still written, with the facts that say why, so that validation can
 quarantine it: nothing is dropped here. Rows stream through one shard at a time.
+
+Rows that carry no split get one from the hash of their image bytes
+(`data.validation_fraction` validation, `data.test_fraction` test, the rest train):
+the same files give the same splits in any order, and copies of an image share one.
 """
 
 import csv
@@ -21,6 +25,7 @@ import logging
 import os
 import re
 import tarfile
+import unicodedata
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -34,7 +39,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from parti_ops.components.progress import track
-from parti_ops.components.shards import ShardWriter
+from parti_ops.components.shards import SPLIT_NAME, ShardWriter
 from parti_ops.components.versioning import dvc_md5
 from parti_ops.model.config import DataConfig
 
@@ -45,6 +50,11 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 # Unicode category Cc, the C0 and C1 controls. Whitespace is collapsed to spaces first.
 CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
+# Category Cf (format: bidi overrides and isolates, zero-width space, BOM, soft hyphen,
+# tag characters) is invisible and can reorder or hide text (Trojan Source,
+# CVE-2021-42574), so it is flagged too, except the zero-width non-joiner and joiner:
+# Persian and Indic orthography need them inside words, as emoji sequences need ZWJ.
+ALLOWED_FORMAT_CHARS = frozenset("\u200c\u200d")
 
 
 class IngestError(ValueError):
@@ -79,9 +89,12 @@ def ingest(source: str | Path, out_dir: str | Path, data: DataConfig) -> dict[st
     writer = ShardWriter(out_dir, shard_size=data.shard_size)
     first_of: dict[str, int] = {}  # sha256 → first row_id, to flag duplicates
     splits: Counter[str] = Counter()
+    hashed: Counter[str] = Counter()
     for row_id, row in enumerate(track(rows[kind](source, data.caption_column), "ingest")):
         record = canonical_row(row_id, row, data, first_of)
         splits[record["split"]] += 1
+        if not row.split:
+            hashed[record["split"]] += 1
         writer.write(record)
     manifest = writer.close(
         source=str(source.resolve()),
@@ -89,6 +102,8 @@ def ingest(source: str | Path, out_dir: str | Path, data: DataConfig) -> dict[st
         data_digest=dvc_md5(source),
         image_size=data.image_size,
         splits=dict(sorted(splits.items())),
+        # What validation needs to judge a hash split by the fractions it was drawn with.
+        hash_split={"fractions": hash_fractions(data), "rows": dict(sorted(hashed.items()))},
     )
     log.info("wrote %d rows in %d shards to %s", manifest["rows"], len(manifest["shards"]), out_dir)
     return manifest
@@ -360,6 +375,12 @@ def canonical_row(
     if row.split is not None and not isinstance(row.split, str):
         row.read_error = row.read_error or f"split {row.split!r} is not text"
         row.split = None
+    elif row.split and not SPLIT_NAME.fullmatch(row.split):
+        # A split names the files its rows are written to (components/shards.py).
+        row.read_error = row.read_error or (
+            f"split {row.split!r} is not a split name: letters, digits, _ and . only"
+        )
+        row.split = None
     # Names from non-UTF-8 file systems or tar headers carry lone surrogates.
     source = _repair_surrogates(row.source)[0]
     sha = hashlib.sha256(row.image).hexdigest() if row.image is not None else None
@@ -376,9 +397,7 @@ def canonical_row(
     return {
         "row_id": row_id,
         "source": source,
-        "split": _repair_surrogates(row.split)[0]
-        if row.split
-        else _hash_split(sha or source, data.validation_fraction),
+        "split": row.split or hash_split(sha or source, data),
         "caption": caption if has_caption else None,
         "sha256": sha,
         "image": image,
@@ -396,13 +415,29 @@ def canonical_row(
         "caption_chars": len(caption) if has_caption else None,
         "caption_words": len(caption.split()) if has_caption else None,
         "caption_utf8": utf8 if has_caption else None,
-        "caption_control_chars": _has_control_chars(caption) if has_caption else None,
+        "caption_control_chars": bool(control_chars(caption)) if has_caption else None,
         "duplicate_of": duplicate_of,
     }
 
 
-def _has_control_chars(text: str) -> bool:
-    return CONTROL_CHARS.search(text) is not None
+def control_chars(text: str) -> list[str]:
+    """The distinct control and format characters in `text` that a caption may not hold."""
+    if text.isascii():
+        found = CONTROL_CHARS.findall(text)
+    else:
+        found = [
+            c
+            for c in text
+            if unicodedata.category(c) in ("Cc", "Cf") and c not in ALLOWED_FORMAT_CHARS
+        ]
+    return list(dict.fromkeys(found))
+
+
+def describe_chars(chars: list[str], limit: int = 5) -> str:
+    """'U+202E RIGHT-TO-LEFT OVERRIDE, U+0007 (control)', at most `limit` of them."""
+    named = [f"U+{ord(c):04X} {unicodedata.name(c, '(control)')}" for c in chars[:limit]]
+    more = f" and {len(chars) - limit} more" if len(chars) > limit else ""
+    return ", ".join(named) + more
 
 
 def decode_image(raw: bytes, data: DataConfig) -> tuple[bytes | None, dict[str, Any]]:
@@ -499,10 +534,20 @@ def _resize_crop(im: Image.Image, size: int) -> Image.Image:
     return resized.crop((left, top, left + size, top + size))
 
 
-def _hash_split(key: str, validation_fraction: float) -> str:
+def hash_fractions(data: DataConfig) -> dict[str, float]:
+    """The share of hash-split rows each split is drawn with."""
+    held_out = {"validation": data.validation_fraction, "test": data.test_fraction}
+    return {"train": round(1.0 - sum(held_out.values()), 12), **held_out}
+
+
+def hash_split(key: str, data: DataConfig) -> str:
     """A split from the content hash: stable across re-ingests and row order."""
     bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 2**32
-    return "validation" if bucket < validation_fraction else "train"
+    # Validation keeps the lowest bucket: data split while it was the only held-out
+    # split keeps its validation rows when ingested again.
+    if bucket < data.validation_fraction:
+        return "validation"
+    return "test" if bucket < data.validation_fraction + data.test_fraction else "train"
 
 
 def ingest_step(config_json: str, parent_run_id: str, source: str, out_dir: str) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from parti_ops.components.stats import paired_difference
 from parti_ops.model.config import Config, RegistryConfig
 
 log = logging.getLogger(__name__)
@@ -38,15 +39,21 @@ EVALUATION = "evaluation.json"
 DECISION_JSON, DECISION_MD = "decision.json", "decision.md"
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 EXAMPLE_PROMPT = "a red circle on the left"
-# The gate's metrics; evaluation.json may hold more, which are logged and tagged too.
-FIDELITY, BITS, FID, CLIP = "fidelity", "heldout_bits_per_token", "fid", "clip_score"
-REQUIRED_METRICS = (FIDELITY, BITS)  # FID and CLIP score need a feature model: optional
+# The gate's metrics: all of `validation`, where settings and promotions are chosen.
+FOLLOWING = "validation/prompt_following"
+BITS = "validation/bits_per_token"
+EXACT = "validation/exact"  # the attribute oracle's; only where rows carry scenes
+FIDELITY, FID, CLIP = "fidelity", "fid", "clip_score"
+REQUIRED_METRICS = (BITS,)  # the rest may be absent: their rules say "not applied"
+STATUS_METRICS = (FOLLOWING, BITS, EXACT, FID, CLIP)  # `parti registry status` shows these
 KEY_FIELDS = ("data_digest", "evaluator")
 # Version tags: `metric.<name>` for each metric, `eval.<field>` for the evaluation key.
 METRIC_TAG, KEY_TAG = "metric.", "eval."
 IMAGE_TOKENIZER_TAG = "image_tokenizer.digest"  # a version's, as `bundle_lineage` tags it
 REPLACED_TAG = "champion.replaced"  # on a champion: the version it replaced
 MAX_TAG_CHARS = 5000  # MLflow's limit on a model version tag value
+EVALUATION_ARTIFACT = f"evaluation/{EVALUATION}"  # in the register run: per-prompt values
+PASS, FAIL, NOT_APPLIED = "pass", "fail", "not applied"
 
 
 class RegistryError(ValueError):
@@ -72,8 +79,9 @@ def load_evaluation(evaluation_dir: str | Path) -> dict[str, Any]:
 def check_evaluation(body: Any, source: str) -> dict[str, Any]:
     """The evaluation `body` with float metrics, or RegistryError naming `source` and the field.
 
-    A metric may be null (not measured, e.g. FID without a feature model); the
-    required ones (`fidelity`, `heldout_bits_per_token`) must be numbers.
+    A metric may be null or absent (not measured, e.g. the oracle's on data without
+    scenes); `validation/bits_per_token` must be a number. `intervals`, `per_prompt` and
+    `not_computed` are optional (older evaluations have none).
     """
     if not isinstance(body, dict):
         raise RegistryError(f"{source}: expected an object with 'metrics' and 'key'")
@@ -82,45 +90,129 @@ def check_evaluation(body: Any, source: str) -> dict[str, Any]:
             raise RegistryError(f"{source}: missing field {field_name!r} (an object)")
     metrics: dict[str, float | None] = {}
     for name, value in body["metrics"].items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+        if value is not None and not _number(value):
             raise RegistryError(f"{source}: metrics.{name}={value!r} is not a number")
         metrics[name] = None if value is None else float(value)
     for name in REQUIRED_METRICS:
         if metrics.get(name) is None:
-            raise RegistryError(f"{source}: missing field metrics.{name} (a number)")
+            raise RegistryError(
+                f"{source}: missing field metrics.{name} (a number); the gate needs a"
+                " validation split (data.validation_fraction)"
+            )
     key = body["key"]
     for name in KEY_FIELDS:
         if not isinstance(key.get(name), str) or not key[name]:
             raise RegistryError(f"{source}: missing field key.{name} (a string)")
+    intervals = {}
+    for name, span in (body.get("intervals") or {}).items():
+        if not (isinstance(span, list) and len(span) == 2 and all(map(_number, span))):
+            raise RegistryError(f"{source}: intervals.{name}={span!r} is not [low, high]")
+        intervals[name] = (float(span[0]), float(span[1]))
+    per_prompt = {}
+    for name, values in (body.get("per_prompt") or {}).items():
+        if not (isinstance(values, list) and all(map(_number, values))):
+            raise RegistryError(f"{source}: per_prompt.{name} is not a list of numbers")
+        per_prompt[name] = [float(v) for v in values]
     # The evaluator digest already covers the feature model; it is kept apart for lineage.
     return {
         **body,
         "metrics": metrics,
         "key": {k: str(key[k]) for k in KEY_FIELDS},
         "feature_model": str(key.get("feature_model", "")),
+        "intervals": intervals,
+        "per_prompt": per_prompt,
+        "not_computed": {str(k): str(v) for k, v in (body.get("not_computed") or {}).items()},
     }
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
 class Rule:
-    """One check of the gate: the challenger's value against a limit (`value <op> limit`)."""
+    """One check of the gate on one metric: `judged <op> limit`.
 
-    name: str
+    A floor judges the challenger's interval at its cautious end (the low end for a
+    minimum); a rule against the champion judges the interval of the paired difference,
+    failing only when all of it lies beyond the margin.
+    """
+
+    name: str  # the setting in `registry` that sets the limit
+    metric: str
     value: float | None  # the challenger's
     op: str  # ">=" or "<="
     limit: float | None
-    champion: float | None = None  # the value the limit was derived from, if any
-    passed: bool = True
+    champion: float | None = None  # the champion's value, for rules against it
+    interval: tuple[float, float] | None = None  # challenger's, or of the difference
+    status: str = PASS  # pass | fail | not applied
     note: str = ""
 
-    @classmethod
-    def check(cls, name: str, value: float | None, op: str, limit: float | None, **kw) -> Rule:
-        """A measured rule; one with no value or limit is skipped (passes, says so)."""
-        if value is None or limit is None or not math.isfinite(limit):
-            return cls(name, value, op, limit, passed=True, note="not measured: skipped", **kw)
-        # NaN fails both comparisons: a diverged model never passes.
-        passed = value >= limit if op == ">=" else value <= limit
-        return cls(name, value, op, limit, passed=passed, **kw)
+    @property
+    def passed(self) -> bool:
+        return self.status != FAIL
+
+    def describe(self) -> str:
+        span = "" if self.interval is None else f", interval {_span(self.interval)}"
+        judged = "difference" if self.champion is not None else self.metric
+        return (
+            f"{self.name} ({self.metric} {_cell(self.value)}{span}: {judged} not"
+            f" {self.op} {_cell(self.limit)})"
+        )
+
+
+def _span(interval: tuple[float, float]) -> str:
+    return f"[{interval[0]:.4g}, {interval[1]:.4g}]"
+
+
+def _absent(name: str, metric: str, op: str, evaluation: dict, whose: str = "") -> Rule:
+    why = evaluation.get("not_computed", {}).get(metric, "not in the evaluation")
+    note = f"not applied: {whose}{metric} not measured ({why})"
+    return Rule(name, metric, None, op, None, status=NOT_APPLIED, note=note)
+
+
+def floor_rule(name: str, metric: str, evaluation: dict, op: str, limit: float) -> Rule:
+    """The challenger's `metric` against a fixed limit, by its interval where it has one."""
+    value = evaluation["metrics"].get(metric)
+    if value is None:
+        return _absent(name, metric, op, evaluation)
+    interval = evaluation.get("intervals", {}).get(metric)
+    judged = value if interval is None else (interval[0] if op == ">=" else interval[1])
+    # NaN fails both comparisons: a diverged model never passes.
+    passed = judged >= limit if op == ">=" else judged <= limit
+    end = "low" if op == ">=" else "high"
+    note = "" if interval is None else f"judged by the interval's {end} end"
+    return Rule(name, metric, value, op, limit, interval=interval,
+                status=PASS if passed else FAIL, note=note)  # fmt: skip
+
+
+def versus_rule(
+    name: str, metric: str, challenger: dict, champion: dict, op: str, margin: float
+) -> Rule:
+    """Challenger minus champion on `metric` may not lie beyond `margin` (worse by more).
+
+    `op` ">=": higher is better, the difference must reach `-margin`; "<=": lower is
+    better, it must stay under `margin`. With both evaluations' per-prompt values (the same
+    prompts, as their keys match) the whole paired bootstrap interval must be beyond the
+    margin to fail; without them the point values are compared, and the note says so.
+    """
+    new, old = challenger["metrics"].get(metric), champion["metrics"].get(metric)
+    if new is None:
+        return _absent(name, metric, op, challenger, "challenger's ")
+    if old is None or math.isnan(old):
+        return _absent(name, metric, op, champion, "champion's ")
+    limit = -margin if op == ">=" else margin
+    pairs = challenger.get("per_prompt", {}).get(metric), champion.get("per_prompt", {}).get(metric)
+    if all(pairs) and len(pairs[0]) == len(pairs[1]):
+        diff, interval = paired_difference(*pairs)
+        beyond = interval[1] < limit if op == ">=" else interval[0] > limit
+        note = f"paired difference {diff:+.4g} over {len(pairs[0])} prompts"
+    else:
+        diff, interval = new - old, None
+        beyond = not (diff >= limit if op == ">=" else diff <= limit)  # NaN: beyond
+        note = "no per-prompt values for both: point values compared"
+    return Rule(name, metric, new, op, limit, champion=old, interval=interval,
+                status=FAIL if beyond else PASS, note=note)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -139,12 +231,17 @@ class Decision:
     def failed_rules(self) -> list[str]:
         return [rule.name for rule in self.rules if not rule.passed]
 
+    @property
+    def not_applied(self) -> list[str]:
+        return [rule.name for rule in self.rules if rule.status == NOT_APPLIED]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "outcome": self.outcome,
             "promoted": self.promoted,
             "reason": self.reason,
             "failed_rules": self.failed_rules,
+            "not_applied": self.not_applied,
             "rules": [asdict(rule) for rule in self.rules],
         }
 
@@ -152,19 +249,20 @@ class Decision:
 def decide(challenger: dict, champion: dict | None, rules: RegistryConfig) -> Decision:
     """The promotion gate: may `challenger` replace `champion` (None: there is none yet)?
 
-    Both are evaluations as `check_evaluation` returns them. The floors
-    (`min_fidelity`, `max_bits_per_token`) always apply; against a champion the
-    challenger may also lose at most `max_fidelity_drop` of fidelity and
-    `max_nll_rise` bits/token (absolute), and its FID may be at most `max_fid_rise`
-    (relative) above the champion's. Metrics are compared only when both
-    evaluations have the same `key` (held-out data and evaluator); otherwise the
-    decision is `refuse`. Bits per token count codes, so they are not compared when the
-    two bundles' image tokenizers differ (their `image_tokenizer` digests, where known).
+    Both are evaluations as `check_evaluation` returns them. The floors always apply:
+    prompt following (`min_prompt_following`, by its interval's low end), bits per token
+    (`max_bits_per_token`) and, where rows carry scenes, the oracle's exact accuracy
+    (`min_fidelity`). Against a champion the challenger may also lose at most
+    `max_prompt_following_drop`, `max_fidelity_drop` and `max_nll_rise` (absolute, by
+    the paired interval) and its FID may be at most `max_fid_rise` (relative) above the
+    champion's. Metrics are compared only when both evaluations have the same `key` (held-out
+    data and evaluator); otherwise the decision is `refuse`. Bits per token count codes, so
+    they are not compared when the two bundles' image tokenizers differ.
     """
-    new = challenger["metrics"]
     checks = [
-        Rule.check("min_fidelity", new[FIDELITY], ">=", rules.min_fidelity),
-        Rule.check("max_bits_per_token", new[BITS], "<=", rules.max_bits_per_token),
+        floor_rule("min_prompt_following", FOLLOWING, challenger, ">=", rules.min_prompt_following),
+        floor_rule("max_bits_per_token", BITS, challenger, "<=", rules.max_bits_per_token),
+        floor_rule("min_fidelity", EXACT, challenger, ">=", rules.min_fidelity),
     ]
     if champion is None:
         return _outcome(tuple(checks), "first model")
@@ -180,34 +278,46 @@ def decide(challenger: dict, champion: dict | None, rules: RegistryConfig) -> De
             " champion on the challenger's held-out data to compare",
             tuple(checks),
         )
-    old = champion["metrics"]
-    fid_limit = None if old.get(FID) is None else old[FID] * (1 + rules.max_fid_rise)
+    old = champion["metrics"].get(FID)
+    fid_limit = None if old is None else old * (1 + rules.max_fid_rise)
+    new_fid = challenger["metrics"].get(FID)
+    if new_fid is None or fid_limit is None:
+        fid_rule = _absent("max_fid_rise", FID, "<=", challenger if new_fid is None else champion)
+    else:
+        fid_rule = Rule("max_fid_rise", FID, new_fid, "<=", fid_limit, champion=old,
+                        status=PASS if new_fid <= fid_limit else FAIL,
+                        note=f"relative: champion's FID x {1 + rules.max_fid_rise:g}")  # fmt: skip
     checks += [
-        Rule.check(
-            "max_fidelity_drop", new[FIDELITY], ">=", old[FIDELITY] - rules.max_fidelity_drop,
-            champion=old[FIDELITY],
-        ),
+        versus_rule("max_prompt_following_drop", FOLLOWING, challenger, champion, ">=",
+                    rules.max_prompt_following_drop),
+        versus_rule("max_fidelity_drop", EXACT, challenger, champion, ">=",
+                    rules.max_fidelity_drop),
         _nll_rule(challenger, champion, rules),
-        Rule.check("max_fid_rise", new.get(FID), "<=", fid_limit, champion=old.get(FID)),
+        fid_rule,
     ]  # fmt: skip
     return _outcome(tuple(checks), "against the champion")
 
 
 def _nll_rule(challenger: dict, champion: dict, rules: RegistryConfig) -> Rule:
-    new, old = challenger["metrics"][BITS], champion["metrics"][BITS]
     tokenizers = challenger.get("image_tokenizer"), champion.get("image_tokenizer")
     if all(tokenizers) and tokenizers[0] != tokenizers[1]:
-        note = "other image tokenizer: bits of other codes, not compared"
-        return Rule("max_nll_rise", new, "<=", None, champion=old, note=note)
-    return Rule.check("max_nll_rise", new, "<=", old + rules.max_nll_rise, champion=old)
+        note = "not applied: other image tokenizer, bits of other codes do not compare"
+        new, old = challenger["metrics"].get(BITS), champion["metrics"].get(BITS)
+        return Rule("max_nll_rise", BITS, new, "<=", None, champion=old,
+                    status=NOT_APPLIED, note=note)  # fmt: skip
+    return versus_rule("max_nll_rise", BITS, challenger, champion, "<=", rules.max_nll_rise)
 
 
 def _outcome(checks: tuple[Rule, ...], against: str) -> Decision:
     failed = [rule for rule in checks if not rule.passed]
+    skipped = [rule.name for rule in checks if rule.status == NOT_APPLIED]
+    unapplied = f"; not applied: {', '.join(skipped)}" if skipped else ""
     if not failed:
-        return Decision("promote", f"promoted: every rule passed ({against})", checks)
-    detail = ", ".join(f"{r.name} ({r.value:.4g} not {r.op} {r.limit:.4g})" for r in failed)
-    return Decision("reject", f"rejected ({against}): {detail}", checks)
+        return Decision(
+            "promote", f"promoted: every applied rule passed ({against}){unapplied}", checks
+        )
+    detail = ", ".join(rule.describe() for rule in failed)
+    return Decision("reject", f"rejected ({against}): {detail}{unapplied}", checks)
 
 
 def register_step(
@@ -292,6 +402,7 @@ def register_step(
         }
         write_decision(report, out)
         run.log(tags=gate_tags)
+        run.log_artifact(Path(evaluation_dir) / EVALUATION, "evaluation")
         run.log_artifact(out / DECISION_JSON, "gate")
         run.log_artifact(out / DECISION_MD, "gate")
     log.info("gate: %s", decision.reason)
@@ -446,7 +557,7 @@ def _gate(
     current = alias_version(client, name, CHAMPION)
     if current is None:
         return decide(evaluation, None, config.registry), None
-    stored = evaluation_from_tags(client.get_model_version(name, current).tags)
+    stored = stored_evaluation(client, name, current)
     champion = {"version": current, **stored, "reevaluated": False}
     if stored["key"] == evaluation["key"] or reevaluate is None:
         return decide(evaluation, stored, config.registry), champion
@@ -457,6 +568,30 @@ def _gate(
         fresh["image_tokenizer"] = stored["image_tokenizer"]
     champion = {"version": current, **fresh, "reevaluated": True, "stored": stored}
     return decide(evaluation, fresh, config.registry), champion
+
+
+def stored_evaluation(client, name: str, version: str) -> dict[str, Any]:
+    """A version's evaluation: its register run's `evaluation.json` (with per-prompt values)
+    where that run kept one, else what its tags hold."""
+    from mlflow.exceptions import MlflowException
+
+    model_version = client.get_model_version(name, version)
+    tags = evaluation_from_tags(model_version.tags)
+    if not model_version.run_id:
+        return tags
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(model_version.run_id, EVALUATION_ARTIFACT, tmp)
+            body = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (MlflowException, OSError, ValueError) as err:
+            log.info("version %s has no stored evaluation (%s): using its tags", version, err)
+            return tags
+    try:
+        evaluation = check_evaluation(body, f"{name} version {version}: {EVALUATION_ARTIFACT}")
+    except RegistryError as err:
+        log.warning("%s; using the version's tags", err)
+        return tags
+    return {**evaluation, "image_tokenizer": tags["image_tokenizer"]}
 
 
 def evaluation_from_tags(tags: dict[str, str]) -> dict[str, Any]:
@@ -602,7 +737,7 @@ def status(client, name: str) -> list[dict[str, Any]]:
             {
                 "version": str(version.version),
                 "aliases": sorted(aliases.get(str(version.version), [])),
-                **{m: _float(tags.get(f"{METRIC_TAG}{m}")) for m in (FIDELITY, BITS, FID, CLIP)},
+                **{m: _float(tags.get(f"{METRIC_TAG}{m}")) for m in STATUS_METRICS},
                 "data_digest": tags.get("data_digest", ""),
                 "gate": tags.get("gate.decision", ""),
                 "created": version.creation_timestamp,
@@ -634,15 +769,19 @@ def write_decision(report: dict[str, Any], out: Path) -> None:
             else "none (first model)"
         ),
         "",
-        "| rule | challenger | limit | champion | result |",
-        "|---|---|---|---|---|",
+        "| rule | metric | challenger | champion | 95 % interval | limit | result |",
+        "|---|---|---|---|---|---|---|",
     ]
     for rule in report["rules"]:
-        result = rule["note"] or ("pass" if rule["passed"] else "**FAIL**")
+        result = "**FAIL**" if rule["status"] == FAIL else rule["status"]
+        result += f" ({rule['note']})" if rule["note"] else ""
         limit = "" if rule["limit"] is None else f"{rule['op']} {rule['limit']:.4g}"
+        span = "" if rule["interval"] is None else _span(rule["interval"])
+        if span and rule["champion"] is not None:
+            span += " (difference)"
         lines.append(
-            f"| {rule['name']} | {_cell(rule['value'])} | {limit} | {_cell(rule['champion'])}"
-            f" | {result} |"
+            f"| {rule['name']} | `{rule['metric']}` | {_cell(rule['value'])}"
+            f" | {_cell(rule['champion'])} | {span} | {limit} | {result} |"
         )
     lines += ["", f"Champion after the gate: version {report['champion_after'] or 'none'}", ""]
     (out / DECISION_MD).write_text("\n".join(lines), encoding="utf-8")

@@ -1,33 +1,57 @@
 """The canonical shard format that ingest writes and every later step reads.
 
-A data set folder holds `shard-NNNNN.parquet` files and a `manifest.json`. Each
-row is one source row: the canonical image (PNG bytes at the preset resolution,
-RGB; null when the source could not be read), its caption, provenance (source
-reference, sha256 of the source bytes, split) and the per-row facts that
-validation checks. Parquet keeps the facts readable on their own (column
-projection), so validation never decodes an image twice.
+A data set folder is a Parquet data set laid out as Hugging Face `datasets` lays one out
+on the Hub, plus a manifest:
+
+    FOLDER/data/train-00000-of-00002.parquet, train-00001-of-00002.parquet,
+                validation-00000-of-00001.parquet, test-00000-of-00001.parquet
+    FOLDER/manifest.json
+
+Each row is one source row: the canonical image (PNG at the preset resolution, RGB; null
+when the source could not be read), its caption, provenance (source reference, sha256
+of the source bytes, split) and the per-row facts that validation checks. Each file
+holds one split's rows, and each row still says its split. Parquet keeps the facts
+readable on their own (column projection), so validation never decodes an image twice.
+
+The image is stored as `datasets` stores one (`{bytes, path}`, with the `Image` feature
+in the schema metadata), so the folder opens as it is:
+
+    datasets.load_dataset("parquet", data_dir=FOLDER)  # DatasetDict, one per split; PIL
+    pandas.read_parquet(FOLDER / "data")               # every split; image as {bytes, path}
+
+The pipeline reads it through `iter_shards`, which hands the image back as PNG bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 MANIFEST = "manifest.json"
+DATA_DIR = "data"
 HELDOUT_SPLITS = ("validation", "test")  # the splits never trained on
+TUNING_SPLIT = "validation"  # where settings and promotions are chosen; `test` is only reported
+SEEN_SPLIT = "train"
+# `datasets` reads `data/{split}-NNNNN-of-NNNNN.*` as the split named in the file name,
+# whatever it is, if it matches this (datasets.data_files.SPLIT_PATTERN_SHARDED and
+# datasets.naming._split_re); the same rule keeps a split name a safe file name.
+SPLIT_NAME = re.compile(r"\w+(\.\w+)*")
 
 
 class ShardFormatError(ValueError):
     """A data set folder that is not (or no longer) in the canonical shard format."""
 
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # Facts are what validation looks at; the rest is the row itself.
 FACT_FIELDS = [
@@ -45,6 +69,7 @@ FACT_FIELDS = [
     pa.field("caption_control_chars", pa.bool_()),
     pa.field("duplicate_of", pa.int64()),  # row_id of the first row with the same sha256
 ]
+# A row as ShardWriter takes it and iter_shards gives it back.
 SCHEMA = pa.schema(
     [
         pa.field("row_id", pa.int64(), nullable=False),
@@ -59,51 +84,84 @@ SCHEMA = pa.schema(
 )
 FACT_COLUMNS = ["row_id", "source", "split", *(f.name for f in FACT_FIELDS)]
 
+# How `datasets` stores an `Image()` value, and where it looks for the feature type
+# (datasets.Features.arrow_schema / from_arrow_schema); columns it does not list are
+# inferred from their Arrow types.
+IMAGE_STORAGE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
+HF_FEATURES = {"info": {"features": {"image": {"_type": "Image"}}}}
+FILE_SCHEMA = pa.schema(
+    [pa.field("image", IMAGE_STORAGE) if f.name == "image" else f for f in SCHEMA],
+    metadata={"huggingface": json.dumps(HF_FEATURES)},
+)
+
 
 class ShardWriter:
-    """Writes rows into fixed-size Parquet shards, then a manifest describing them.
+    """Writes rows into Parquet shards of up to `shard_size` rows per split, then a manifest.
 
-    Memory holds at most one shard's rows, whatever the data set's size.
+    Memory holds at most one shard's rows per split, whatever the data set's size.
+    Shards of an earlier write to the folder are removed first: readers of the folder
+    (`datasets`, pandas) take every file in `data/`, not the manifest's list.
     """
 
-    def __init__(self, out_dir: str | Path, *, shard_size: int, schema: pa.Schema = SCHEMA):
+    def __init__(self, out_dir: str | Path, *, shard_size: int):
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         self.shard_size = shard_size
-        self.schema = schema
         self.shards: list[dict[str, Any]] = []
-        self._rows: list[dict[str, Any]] = []
+        self._rows: dict[str, list[dict[str, Any]]] = {}
+        (self.out_dir / MANIFEST).unlink(missing_ok=True)
+        for stale in (self.out_dir / DATA_DIR).glob("*.parquet"):
+            stale.unlink()
+        for stale in self.out_dir.glob("shard-[0-9]*.parquet"):  # format 1 kept them at the top
+            stale.unlink()
+        (self.out_dir / DATA_DIR).mkdir(parents=True, exist_ok=True)
 
     def write(self, row: dict[str, Any]) -> None:
-        self._rows.append(row)
-        if len(self._rows) >= self.shard_size:
-            self.flush()
+        rows = self._rows.setdefault(row["split"], [])
+        rows.append(row)
+        if len(rows) >= self.shard_size:
+            self._flush(row["split"])
 
     def write_table(self, table: pa.Table) -> None:
-        """Write an already-built table as one shard (used to filter shards without decoding)."""
-        self.flush()
-        if table.num_rows:
-            self._write_shard(table)
+        """Write a table as `iter_shards` yields it, one shard per split in it, undecoded."""
+        for split in sorted(pc.unique(table["split"]).to_pylist()):
+            self._flush(split)
+            self._write_shard(split, table.filter(pc.equal(table["split"], split)))
 
     def flush(self) -> None:
-        if self._rows:
-            columns = {name: [row[name] for row in self._rows] for name in self.schema.names}
-            self._write_shard(pa.Table.from_pydict(columns, schema=self.schema))
-            self._rows = []
+        for split in sorted(self._rows):
+            self._flush(split)
 
-    def _write_shard(self, table: pa.Table) -> None:
-        name = f"shard-{len(self.shards):05d}.parquet"
+    def _flush(self, split: str) -> None:
+        rows = self._rows.pop(split, [])
+        if rows:
+            columns = {name: [row[name] for row in rows] for name in SCHEMA.names}
+            self._write_shard(split, pa.Table.from_pydict(columns, schema=SCHEMA))
+
+    def _write_shard(self, split: str, table: pa.Table) -> None:
+        if not SPLIT_NAME.fullmatch(split):
+            raise ValueError(f"split {split!r} is not a split name (letters, digits, _ and .)")
+        index = sum(s["split"] == split for s in self.shards)
+        # Named in full by `close`, once each split's shard count is known.
+        name = f"{DATA_DIR}/{split}-{index:05d}.parquet"
         path = self.out_dir / name
         # PNG bytes are already compressed: zstd on them costs time and saves nothing.
         codecs = {n: "none" if n == "image" else "zstd" for n in table.column_names}
-        pq.write_table(table, path, compression=codecs)
+        pq.write_table(_to_file(table), path, compression=codecs)
         # Hand freed buffers back to the OS so peak memory stays one shard's worth.
         pa.default_memory_pool().release_unused()
-        self.shards.append({"file": name, "rows": table.num_rows, "sha256": file_sha256(path)})
+        self.shards.append(
+            {"file": name, "split": split, "rows": table.num_rows, "sha256": file_sha256(path)}
+        )
 
     def close(self, **manifest: Any) -> dict[str, Any]:
         """Flush and write `manifest.json`: format, shards, row count, plus `manifest` fields."""
         self.flush()
+        counts = Counter(s["split"] for s in self.shards)
+        for shard in self.shards:
+            name = shard["file"].removesuffix(".parquet") + f"-of-{counts[shard['split']]:05d}"
+            (self.out_dir / shard["file"]).rename(self.out_dir / f"{name}.parquet")
+            shard["file"] = f"{name}.parquet"
+        self.shards.sort(key=lambda s: s["file"])
         body = {
             "format_version": FORMAT_VERSION,
             "rows": sum(s["rows"] for s in self.shards),
@@ -112,6 +170,19 @@ class ShardWriter:
         }
         write_json(self.out_dir / MANIFEST, body)
         return body
+
+
+def _to_file(table: pa.Table) -> pa.Table:
+    """A `SCHEMA` table as its file stores it: the PNG bytes inside `datasets`' image struct."""
+    chunks = [
+        pa.StructArray.from_arrays(
+            [png, pa.nulls(len(png), pa.string())], fields=list(IMAGE_STORAGE), mask=png.is_null()
+        )
+        for png in table["image"].chunks
+    ]
+    image = pa.chunked_array(chunks, IMAGE_STORAGE)
+    columns = [image if name == "image" else table[name] for name in SCHEMA.names]
+    return pa.Table.from_arrays(columns, schema=FILE_SCHEMA)
 
 
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
@@ -130,11 +201,24 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def iter_shards(data_dir: str | Path, columns: list[str] | None = None) -> Iterator[pa.Table]:
-    """Yield each shard of a data set folder as a table, in manifest order."""
-    data_dir = Path(data_dir)
+def read_shard(
+    data_dir: str | Path, shard: dict[str, Any], columns: list[str] | None = None
+) -> pa.Table:
+    """One manifest entry's rows as `SCHEMA` has them (the image as PNG bytes)."""
+    table = pq.read_table(Path(data_dir) / shard["file"], columns=columns)
+    if "image" in table.column_names:
+        png = pc.struct_field(table["image"], "bytes")
+        table = table.set_column(table.column_names.index("image"), SCHEMA.field("image"), png)
+    return table.replace_schema_metadata(None)
+
+
+def iter_shards(
+    data_dir: str | Path, columns: list[str] | None = None, *, split: str | None = None
+) -> Iterator[pa.Table]:
+    """Yield each shard of a data set folder (only `split`'s, if given), in manifest order."""
     for shard in read_manifest(data_dir)["shards"]:
-        yield pq.read_table(data_dir / shard["file"], columns=columns)
+        if split is None or shard["split"] == split:
+            yield read_shard(data_dir, shard, columns)
 
 
 def file_sha256(path: str | Path) -> str:

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from PIL import Image
 
 from parti_ops.components.shards import iter_shards, read_manifest, write_json
@@ -43,11 +42,8 @@ GRID = "reconstructions.png"
 
 
 def iter_split(data_dir: str | Path, split: str, columns: list[str]) -> Iterator[pa.Table]:
-    """Each accepted shard's rows of `split`, with `columns`, in shard order."""
-    for table in iter_shards(data_dir, columns=sorted({*columns, "split"})):
-        rows = table.filter(pc.equal(table["split"], split))
-        if rows.num_rows:
-            yield rows
+    """Each accepted shard of `split`, with `columns`, in shard order."""
+    yield from iter_shards(data_dir, columns, split=split)
 
 
 def decode_png(data: bytes) -> np.ndarray:

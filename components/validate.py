@@ -6,11 +6,23 @@ any expectation go to the quarantine with every reason that applies; the rest ar
 written as accepted shards. `accepted + quarantined == input rows` always. Past
 `data.max_quarantine_fraction`, or when the split balance is off, the step stops with
 a message naming the top reasons and the report, after writing them.
+
+Split balance: `train` must hold accepted rows, and each split's share must lie within
+[`data.min_split_fraction`, `data.max_split_fraction`]. Where ingest split the whole set
+by content hash, `validation` and `test` must hold rows too, and the bounds widen to the
+hash's sampling noise around the fractions it drew with.
+
+The accepted folder has the canonical layout (components/shards.py), one file per split
+and shard, so it opens as it is:
+
+    datasets.load_dataset("parquet", data_dir=folder)  # a DatasetDict by split; PIL images
+    pandas.read_parquet(folder / "data")               # all splits; the `split` column says which
 """
 
 import html
 import json
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,13 +32,14 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from parti_ops.components.ingest import control_chars, describe_chars
 from parti_ops.components.progress import track
 from parti_ops.components.shards import (
     FACT_COLUMNS,
     ShardWriter,
     read_manifest,
+    read_shard,
     write_json,
 )
 from parti_ops.model.config import DataConfig
@@ -41,6 +54,13 @@ KNOWN_MODES = ["1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "
 # Rows per Great Expectations batch: consecutive shards are validated together, since a
 # checkpoint run has a fixed cost (~0.3 s) and the facts are small (no image bytes).
 BATCH_ROWS = 50_000
+
+# A hash-split share may stray this many binomial standard deviations from its fraction:
+# the chance that a uniform hash strays further is under 3e-7 (normal tail), so a set
+# that fails is off for a reason, not by luck.
+SPLIT_NOISE_SIGMAS = 5.0
+# The chance of an empty held-out split that the suggested fraction keeps under.
+EMPTY_SPLIT_ODDS = 1e-3
 
 
 class DataValidationError(RuntimeError):
@@ -121,7 +141,10 @@ def _checks() -> list[RowCheck]:
             lambda d, m: E.ExpectColumnValuesToBeInSet(
                 column="caption_control_chars", value_set=[False], mostly=m
             ),
-            lambda r, d: "caption contains control characters",
+            lambda r, d: (
+                "caption contains invisible control or format characters: "
+                + describe_chars(control_chars(r["caption"] or ""))
+            ),
         ),
         RowCheck(
             "caption_empty",
@@ -195,11 +218,14 @@ class _Suites:
             source.add_dataframe_asset("splits").add_batch_definition_whole_dataframe("all"),
             "image_caption_splits",
             [
-                E.ExpectColumnDistinctValuesToContainSet(column="split", value_set=["train"]),
+                # Parameters: what a split must hold depends on how ingest split the set.
+                E.ExpectColumnDistinctValuesToContainSet(
+                    column="split", value_set={"$PARAMETER": "required_splits"}
+                ),
                 E.ExpectColumnValuesToBeBetween(
                     column="fraction",
-                    min_value=data.min_split_fraction,
-                    max_value=data.max_split_fraction,
+                    min_value={"$PARAMETER": "min_fraction"},
+                    max_value={"$PARAMETER": "max_fraction"},
                 ),
             ],
             {"result_format": "COMPLETE"},
@@ -222,11 +248,13 @@ class _Suites:
         return self.context.checkpoints.add(checkpoint)
 
     @staticmethod
-    def run(checkpoint, frame: pd.DataFrame, run_name: str):
+    def run(checkpoint, frame: pd.DataFrame, run_name: str, parameters: dict | None = None):
         from great_expectations.core.run_identifier import RunIdentifier
 
         result = checkpoint.run(
-            batch_parameters={"dataframe": frame}, run_id=RunIdentifier(run_name=run_name)
+            batch_parameters={"dataframe": frame},
+            expectation_parameters=parameters,
+            run_id=RunIdentifier(run_name=run_name),
         )
         (validation,) = result.run_results.values()
         return result.success, validation.results
@@ -255,9 +283,8 @@ def validate(canonical_dir: str | Path, out_dir: str | Path, data: DataConfig) -
     batches = _batches(manifest["shards"], BATCH_ROWS)
     with open(out / "quarantine.jsonl", "w", encoding="utf-8") as quarantine:
         for index, batch in enumerate(track(batches, "validate", len(batches))):
-            paths = [canonical_dir / shard["file"] for shard in batch]
             facts = pd.concat(
-                [pq.read_table(p, columns=FACT_COLUMNS).to_pandas() for p in paths],
+                [read_shard(canonical_dir, s, FACT_COLUMNS).to_pandas() for s in batch],
                 ignore_index=True,
             )
             _, results = suites.run(suites.rows, facts, f"batch-{index:05d}")
@@ -267,8 +294,8 @@ def validate(canonical_dir: str | Path, out_dir: str | Path, data: DataConfig) -
                 counted[reason] += r.result["element_count"] - (r.result.get("missing_count") or 0)
             flagged = _flagged_rows(results, suites.checks)
             bad_ids = pa.array(list(flagged), pa.int64())
-            for path in paths:
-                table = pq.read_table(path)
+            for shard in batch:
+                table = read_shard(canonical_dir, shard)
                 is_bad = pc.is_in(table["row_id"], value_set=bad_ids)
                 accepted.write_table(table.filter(pc.invert(is_bad)))
                 for row in table.filter(is_bad).drop_columns(["image"]).to_pylist():
@@ -282,7 +309,20 @@ def validate(canonical_dir: str | Path, out_dir: str | Path, data: DataConfig) -
     split_frame = pd.DataFrame(
         {"split": list(splits), "fraction": [n / max(n_accepted, 1) for n in splits.values()]}
     )
-    splits_ok, split_results = suites.run(suites.splits, split_frame, "splits")
+    rule = split_rule(manifest, n_accepted, data)
+    splits_ok, split_results = suites.run(
+        suites.splits,
+        split_frame,
+        "splits",
+        {
+            "required_splits": rule["required"],
+            "min_fraction": rule["min_fraction"],
+            "max_fraction": rule["max_fraction"],
+        },
+    )
+    split_failures = split_problems(splits, rule, manifest)
+    if not splits_ok and not split_failures:  # cannot happen; never hide GE's verdict
+        split_failures = [_describe(r) for r in split_results if not r.success]
     suites.context.build_data_docs()
     accepted.close(
         source=str(canonical_dir.resolve()),
@@ -306,7 +346,8 @@ def validate(canonical_dir: str | Path, out_dir: str | Path, data: DataConfig) -
         "failed_expectations": sorted(failed_expectations),
         "splits": dict(sorted(splits.items())),
         "split_balance_ok": splits_ok,
-        "split_balance_failures": [_describe(r) for r in split_results if not r.success],
+        "split_balance_failures": split_failures,
+        "split_rule": rule,
         "data_digest": manifest.get("data_digest"),
         "paths": {
             "accepted": str((out / "accepted").resolve()),
@@ -332,6 +373,75 @@ def validate(canonical_dir: str | Path, out_dir: str | Path, data: DataConfig) -
     if not report["passed"]:
         raise DataValidationError(failure_message(report))
     return report
+
+
+def split_rule(manifest: dict[str, Any], accepted: int, data: DataConfig) -> dict[str, Any]:
+    """The splits that must hold rows and the bounds on each split's share of `accepted`."""
+    lo, hi = data.min_split_fraction, data.max_split_fraction
+    hashed = manifest.get("hash_split")
+    if not hashed or sum(hashed["rows"].values()) != manifest["rows"]:
+        # Splits the data set chose itself (or a mix): they are taken as meant.
+        return {"required": ["train"], "min_fraction": lo, "max_fraction": hi, "hashed": False}
+    # Each split's count is binomial(n, p): its share strays from p by sqrt(p(1-p)/n).
+    n = max(accepted, 1)
+    fractions = {s: p for s, p in hashed["fractions"].items() if p > 0}
+    for p in fractions.values():
+        noise = SPLIT_NOISE_SIGMAS * math.sqrt(p * (1 - p) / n)
+        lo, hi = min(lo, p - noise), max(hi, p + noise)
+    return {
+        "required": list(fractions),
+        "min_fraction": max(lo, 0.0),
+        "max_fraction": min(hi, 1.0),
+        "hashed": True,
+    }
+
+
+def split_problems(
+    splits: Counter[str], rule: dict[str, Any], manifest: dict[str, Any]
+) -> list[str]:
+    """What is wrong with the accepted rows' splits, each naming the split and the setting."""
+    n = sum(splits.values())
+    problems = [_missing(split, rule, manifest) for split in rule["required"] if not splits[split]]
+    for split, count in sorted(splits.items()):
+        share = count / n
+        if share < rule["min_fraction"]:
+            problems.append(
+                f"split {split!r} holds {count} of {n} accepted rows ({share:.1%}), under"
+                f" {rule['min_fraction']:.1%}: add rows to it or lower data.min_split_fraction"
+            )
+        elif share > rule["max_fraction"]:
+            problems.append(
+                f"split {split!r} holds {count} of {n} accepted rows ({share:.1%}), over"
+                f" {rule['max_fraction']:.1%}: add held-out rows or raise"
+                " data.max_split_fraction"
+            )
+    return problems
+
+
+def _missing(split: str, rule: dict[str, Any], manifest: dict[str, Any]) -> str:
+    if not rule["hashed"]:
+        return (
+            f"split {split!r} has no accepted rows; give rows a 'split' of train, validation"
+            " or test, or none at all to split them by content hash"
+        )
+    drawn, rows = manifest["hash_split"]["rows"].get(split, 0), manifest["rows"]
+    if drawn:
+        return (
+            f"split {split!r} has no accepted rows: all {drawn} rows the content hash drew"
+            " for it were quarantined (see the quarantine)"
+        )
+    if split == "train":
+        return f"split 'train' has no rows: the content hash drew none of {rows} for it"
+    # The fraction p at which drawing none of `rows` has odds (1 - p)^rows = EMPTY_SPLIT_ODDS.
+    fraction = manifest["hash_split"]["fractions"][split]
+    needed = math.ceil((1 - EMPTY_SPLIT_ODDS ** (1 / rows)) * 100) / 100
+    needed = min(max(needed, fraction + 0.01), 0.45)
+    setting = f"data.{split}_fraction"
+    return (
+        f"split {split!r} has no rows: the content hash drew none of {rows} rows for it"
+        f" ({setting}={fraction:g}); on a set this small"
+        f" raise it (--set {setting}={needed:g}) or give each row its own 'split'"
+    )
 
 
 def _batches(shards: list[dict[str, Any]], max_rows: int) -> list[list[dict[str, Any]]]:
@@ -392,10 +502,7 @@ def failure_message(report: dict[str, Any]) -> str:
             f"{100 * report['max_quarantine_fraction']:.1f}% of the rows)"
         )
     if not report["split_balance_ok"]:
-        parts.append(
-            f"split balance failed ({report['splits']}); add a held-out split or set"
-            " data.min_split_fraction / data.max_split_fraction"
-        )
+        parts.append(f"split balance failed: {'; '.join(report['split_balance_failures'])}")
     return f"validation stopped the run: {'; '.join(parts)}. Report: {report['paths']['report']}"
 
 

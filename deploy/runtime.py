@@ -183,10 +183,10 @@ class OnnxTextToImage:
         null: np.ndarray,
         seeds: Sequence[int],
         *,
-        guidance_scale: float | np.ndarray = 1.5,
-        temperature: float | np.ndarray = 0.7,
+        guidance_scale: float | np.ndarray = 3.0,
+        temperature: float | np.ndarray = 1.0,
         top_k: int | np.ndarray = 0,
-        top_p: float | np.ndarray = 0.6,
+        top_p: float | np.ndarray = 1.0,
         cancelled: Callable[[], np.ndarray] | None = None,
     ) -> np.ndarray:
         """Codes (B, grid, grid) for prompts (B, T); settings are scalars or one per row.
@@ -262,10 +262,10 @@ class OnnxTextToImage:
         prompts: Sequence[str],
         *,
         seeds: Sequence[int],
-        guidance_scale: float | np.ndarray = 1.5,
-        temperature: float | np.ndarray = 0.7,
+        guidance_scale: float | np.ndarray = 3.0,
+        temperature: float | np.ndarray = 1.0,
         top_k: int | np.ndarray = 0,
-        top_p: float | np.ndarray = 0.6,
+        top_p: float | np.ndarray = 1.0,
         cancelled: Callable[[], np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Images (B, H, W, 3) uint8 and codes (B, grid, grid) for prompts, one seed each."""

@@ -390,13 +390,22 @@ def _peak_flops(device: torch.device) -> float | None:
 @torch.inference_mode()
 def heldout_nll(model: Parti, data: CodeData, batch_size: int = 64) -> float:
     """Mean negative log-likelihood of the codes given the captions, in bits per token."""
+    return float(bits_per_row(model, data, batch_size).mean())
+
+
+@torch.inference_mode()
+def bits_per_row(model: Parti, data: CodeData, batch_size: int = 64) -> torch.Tensor:
+    """Each row's negative log-likelihood of its codes given its caption, bits per token (N,).
+
+    Every row has the same number of codes, so the mean over rows is the mean per token.
+    """
     model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    rows = []
     for start in range(0, len(data), batch_size):
         index = torch.arange(start, min(start + batch_size, len(data)))
         text_ids, text_mask, codes = data.rows(index, device)
-        logits = model(text_ids, text_mask, codes)
-        total += float(F.cross_entropy(logits.flatten(0, 1), codes.flatten(), reduction="sum"))
-        count += codes.numel()
-    return total / count / math.log(2)
+        logits = model(text_ids, text_mask, codes)  # (B, T, codebook)
+        nll = F.cross_entropy(logits.transpose(1, 2).float(), codes, reduction="none")  # (B, T)
+        rows.append(nll.double().mean(dim=1).cpu())
+    return torch.cat(rows) / math.log(2)

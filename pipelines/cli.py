@@ -14,7 +14,7 @@ from rich.logging import RichHandler
 from parti_ops.model.config import PRESETS, Config, ConfigError
 
 app = typer.Typer(help="parti-ops: train, evaluate, promote and serve a Parti-style model.")
-data_app = typer.Typer(help="Data: synthetic set, ingest, validation.")
+data_app = typer.Typer(help="Data: synthetic set, converters, ingest, validation.")
 config_app = typer.Typer(help="Configuration presets.")
 pipeline_app = typer.Typer(help="The Kubeflow pipeline.")
 tokenizer_app = typer.Typer(help="Tokenizers: captions to token ids, images to code grids.")
@@ -144,6 +144,39 @@ def data_synth(
     summary = synthesize(out, data)
     console.print(f"wrote {summary} to {out.resolve()}")
     console.print(f"DVC digest: {dvc_md5(out)}")
+
+
+@data_app.command("from-emoji-datasource")
+@_clear_errors
+def data_from_emoji_datasource(
+    package: Annotated[
+        Path,
+        typer.Argument(
+            help="An emoji-datasource-<set> npm package: the .tgz `npm pack` writes, or its"
+            " unpacked folder."
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for images/ and metadata.jsonl.")] = Path(
+        "data/emoji"
+    ),
+) -> None:
+    """Convert an emoji-datasource npm package into an image folder for `parti data ingest`.
+
+    Get one with `npm pack emoji-datasource-apple@16.0.0` (or -facebook, -google,
+    -twitter). Every emoji the set has an image for becomes a row captioned with its
+    Unicode name in lower case ("grinning face"), each skin-tone variation another
+    ("waving hand, medium skin tone"); category and subcategory go along as metadata.
+    """
+    from parti_ops.components.emoji import from_emoji_datasource
+
+    summary = from_emoji_datasource(package, out)
+    console.print(
+        f"{summary['rows']} rows ({summary['emoji']} emoji, {summary['skin_variations']}"
+        f" skin-tone variations) of the {summary['set']} set {summary['version']}:"
+        f" {out.resolve()}"
+    )
+    if summary["skipped"]:
+        console.print(f"skipped: {summary['skipped']}")
 
 
 @data_app.command("ingest")
@@ -441,6 +474,61 @@ def evaluate(
     )
 
 
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{name}: comma-separated numbers, e.g. 1.5,3") from None
+
+
+@app.command("sweep")
+@_clear_errors
+def sweep(
+    model: Annotated[Path, typer.Option(help="Model bundle (`parti train`'s output).")] = Path(
+        "outputs/parti"
+    ),
+    data: Accepted = Path("outputs/validated/accepted"),
+    scorer: Annotated[
+        Path, typer.Option(help="Scorer folder (`parti scorer train`) or a local HF CLIP.")
+    ] = Path("outputs/scorer"),
+    guidance_scale: Annotated[str, typer.Option(help="Values to try, e.g. 1.5,3.")] = "",
+    temperature: Annotated[str, typer.Option(help="Values to try, e.g. 0.7,1.")] = "",
+    top_p: Annotated[str, typer.Option(help="Values to try, e.g. 0.6,1.")] = "",
+    out: Annotated[Path, typer.Option(help="Where to write the results (JSON).")] = Path(
+        "outputs/sweep.json"
+    ),
+    preset: Preset = "tiny",
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+) -> None:
+    """Try sampling settings on the validation split (never test); best prompt following first.
+
+    Each option not given keeps the config's value; the grid is every combination.
+    """
+    import itertools
+    import json
+
+    from parti_ops.components.evaluate import sweep_sampling
+
+    cfg = _load(preset, config, overrides)
+    axes = {
+        "guidance_scale": _floats(guidance_scale, "--guidance-scale"),
+        "temperature": _floats(temperature, "--temperature"),
+        "top_p": _floats(top_p, "--top-p"),
+    }
+    axes = {name: values for name, values in axes.items() if values}
+    grid = [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
+    results = sweep_sampling(cfg, model, data, scorer, grid or [{}])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    for entry in results:
+        low, high = entry["interval"]
+        exact = f"  exact {entry['exact']:.3f}" if "exact" in entry else ""
+        following = entry["prompt_following"]
+        print(f"{following:.3f} [{low:.3f}, {high:.3f}]{exact}  {entry['settings']}")
+    _print_paths("sampling sweep on validation (chance 0.5)", {"results": out.resolve()})
+
+
 @scorer_app.command("train")
 @_clear_errors
 def scorer_train(
@@ -513,7 +601,11 @@ def run(
             "endpoint": f"{http}/v2/models/parti (and {grpc})",
             "prompt": smoke["prompt"],
             "image": result.smoke / "smoke.png",
-            "oracle": ", ".join(k for k, ok in smoke["checks"].items() if ok) or "no attribute",
+            **(
+                {"oracle": ", ".join(k for k, ok in smoke["checks"].items() if ok) or "none"}
+                if smoke["checks"]  # only prompts with a synthetic scene are read back
+                else {}
+            ),
             "serve again": f"parti serve --repository {result.repository}",
         },
     )
@@ -525,25 +617,42 @@ def retrain(
     source: Annotated[
         Path | None, typer.Option(help="Data set to ingest; default: the synthetic set.")
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force/--no-force",
+            help="Run the pipeline even on data already trained on.",
+            envvar="PARTI_RETRAIN_FORCE",
+        ),
+    ] = False,
     preset: Preset = "tiny",
     config: ConfigFile = None,
     overrides: Overrides = None,
 ) -> None:
-    """Run the pipeline only if the data's DVC digest differs from the champion's.
+    """Run the pipeline only on data not trained on yet (by their DVC digest).
 
-    Unchanged data: says so and exits 0 in seconds. Suitable for cron or a Kubernetes
-    CronJob (deploy/k8s); the promotion gate decides whether a retrained model serves.
+    Data whose digest is the champion's, or that of the newest registered version (trained
+    on and judged by the promotion gate, even if the gate rejected it), are skipped: says
+    so and exits 0 in seconds. Suitable for cron or a Kubernetes CronJob (deploy/k8s); the
+    promotion gate decides whether a retrained model serves.
     """
     from parti_ops.pipelines.schedule import retrain as run_retrain
 
     cfg = _load(preset, config, overrides)
     try:
-        report = run_retrain(cfg, source)
+        report = run_retrain(cfg, source, force=force)
     except RuntimeError as err:
         console.print(f"[red]pipeline failed:[/red] {err} (the failing step's log is above)")
         raise typer.Exit(1) from None
     if not report["retrained"]:
-        print(f"data unchanged ({report['data_digest']}): the champion was trained on it")
+        digest = report["data_digest"]
+        if digest == report["champion_data_digest"]:
+            print(f"data unchanged ({digest}): the champion was trained on it")
+        else:
+            print(
+                f"data unchanged ({digest}): the last registered version was trained on it "
+                "and the promotion gate kept the champion; --force retrains anyway"
+            )
         return
     _print_paths(
         f"retrained on {report['data_digest']} (champion's: {report['champion_data_digest']})",
@@ -560,7 +669,11 @@ def pipeline_schedule(
     cron: Annotated[str, typer.Option(help="Cron line, 5 or 6 fields (UTC), e.g. '0 3 * * *'.")],
     source: Annotated[str, typer.Option(help="Data the runs ingest (path or mount).")],
     data_digest: Annotated[
-        str, typer.Option(help="Pin every run to this DVC md5; empty: follow the data.")
+        str,
+        typer.Option(
+            help="Pin every run to this DVC md5 (runs fail once the data change); empty: "
+            "follow the data (each run digests the source and re-ingests when it changed)."
+        ),
     ] = "",
     namespace: Annotated[str, typer.Option(help="Kubeflow namespace.")] = "kubeflow",
     job_name: Annotated[str, typer.Option(help="Name of the recurring run.")] = "parti-ops-retrain",
@@ -570,7 +683,9 @@ def pipeline_schedule(
 ) -> None:
     """Create a recurring run of the pipeline on a Kubeflow cluster (kfp.Client).
 
-    One run at a time, no catch-up; unchanged steps come from Kubeflow's cache.
+    One run at a time, no catch-up. Each run first takes the DVC digest of the data at
+    --source (never cached) and ingest's cache is keyed by it: changed data are ingested
+    and trained on, unchanged data come from Kubeflow's cache up to the promotion gate.
     """
     from parti_ops.pipelines.schedule import schedule
 
@@ -614,21 +729,19 @@ def registry_status(
 
     The model is registry.model_name in the configured MLflow store.
     """
-    from parti_ops.components.registry import status
+    from parti_ops.components.registry import STATUS_METRICS, status
     from parti_ops.components.tracking import client_for
 
     cfg = _load(preset, config, overrides)
     client, _ = client_for(cfg)
     rows = status(client, cfg.registry.model_name)
-    header = ("version", "aliases", "fidelity", "bits/token", "FID", "CLIP", "gate", "data digest")
+    header = ("version", "aliases", "following", "bits/token", "exact", "FID", "CLIP", "gate",
+              "data digest")  # fmt: skip
     table = [header] + [
         (
             row["version"],
             ",".join(row["aliases"]) or "-",
-            *(
-                "-" if row[k] is None else f"{row[k]:.4f}"
-                for k in ("fidelity", "heldout_bits_per_token", "fid", "clip_score")
-            ),
+            *("-" if row[k] is None else f"{row[k]:.4f}" for k in STATUS_METRICS),
             row["gate"] or "-",
             row["data_digest"] or "-",
         )

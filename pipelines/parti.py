@@ -6,7 +6,8 @@
                                                                           + promotion gate (MLflow)
       ─► export the champion (ONNX, parity-checked) into a Triton repository ─► smoke test
          through tritonserver (HTTP + gRPC, attribute oracle)
-    (the synthetic set is drawn by the ingest step when no source is given)
+    (the synthetic set is drawn by the ingest step when no source is given; before
+    ingest, an uncached step takes the source's DVC digest, which keys ingest's cache)
 
 The same pipeline function runs on this machine with `kfp.local` and compiles to
 YAML for Kubeflow Pipelines. One MLflow parent run spans it; the exit handler
@@ -26,6 +27,7 @@ from pathlib import Path
 from kfp import compiler, dsl, kubernetes
 
 from parti_ops.components.ops import (
+    data_digest_op,
     encode_op,
     end_run_op,
     evaluate_op,
@@ -72,9 +74,10 @@ def build_pipeline(config: Config) -> Callable[..., None]:
         Args:
             config_json: the resolved `Config` as JSON (`parti config show --json`).
             source: a data set path or object-store URI; empty draws the synthetic set.
-            data_digest: the source's DVC md5 (`data.dvc`); part of every step's cache key,
-                so changed data re-runs the pipeline even at the same path. The ingest
-                step checks it against the data it reads.
+            data_digest: pins the run to this DVC md5 of the source (`data.dvc`): other
+                data fail its first step. Empty follows the data: that step computes the
+                digest each run and ingest's cache is keyed by it, so changed data at the
+                same path re-run the pipeline.
             code_version: the git SHA (or image digest) recorded on the MLflow runs.
             run_name: the MLflow parent run's name.
         """
@@ -85,7 +88,7 @@ def build_pipeline(config: Config) -> Callable[..., None]:
 
 # CPU and memory limits per step on a cluster; kfp.local runs steps as plain processes.
 RESOURCES = {
-    "small": ("2", "4G"),  # bookkeeping: tracking, registry
+    "small": ("2", "4G"),  # bookkeeping: tracking, registry; the data digest (one stream)
     "data": ("4", "16G"),  # ingest, validate, tokenizers, encode, evaluate, export
     "train": ("8", "32G"),
 }
@@ -113,6 +116,21 @@ def _knows_its_run(task):
     )
 
 
+def _ingest(config_json: str, source: str, data_digest: str):
+    """The digest step and the ingest step it keys; returns both tasks.
+
+    Ingest's inputs (config, path, pin) can all stay the same while the data at the path
+    change, so a cached ingest would hand every later run the old data. The digest step
+    is never cached and reads the data each run; its output, the data's DVC md5, is
+    ingest's `data_digest` input, and with it part of ingest's cache key (and so, through
+    ingest's new artifacts, of every later step's).
+    """
+    digest = data_digest_op(source=source, data_digest=data_digest)
+    digest.set_caching_options(False)
+    ingest = ingest_op(config_json=config_json, source=source, data_digest=digest.output)
+    return digest, ingest
+
+
 def _steps(
     config_json: str,
     source: str,
@@ -137,7 +155,7 @@ def _steps(
         # Steps find that parent run themselves (components/tracking.py,
         # pipeline_parent_run), so that no step input changes from run to run: each step's
         # cache key is its config, its data digest and the artifacts it reads.
-        ingest = ingest_op(config_json=config_json, source=source, data_digest=data_digest)
+        digest, ingest = _ingest(config_json, source, data_digest)
         ingest.after(start)
         validate = validate_op(config_json=config_json, canonical=ingest.outputs["canonical"])
         validated = validate.outputs["validated"]
@@ -192,23 +210,24 @@ def _steps(
         smoke = smoke_test_op(
             config_json=config_json,
             repository=export.outputs["repository"],
+            validated=validated,
         )
         smoke.set_caching_options(False)
         if config.serve.target == "gpu" and train.accelerator:  # TensorRT engines + parity
             export.set_accelerator_type(train.accelerator).set_accelerator_limit(1)
         for task, size in (
-            (start, "small"), (ingest, "data"), (validate, "data"), (text, "data"),
-            (image, "data"), (encode, "data"), (trainer, "small" if train.nodes > 1 else "train"),
-            (scorer, "data"),
+            (start, "small"), (digest, "small"), (ingest, "data"), (validate, "data"),
+            (text, "data"), (image, "data"), (encode, "data"),
+            (trainer, "small" if train.nodes > 1 else "train"), (scorer, "data"),
             (references, "data"), (evaluate, "data"), (register, "small"), (export, "data"),
             (smoke, "data"),
         ):  # fmt: skip
             _limit(task, size)
         # Not register: a retry after a partial success would register a second version.
-        for task in (ingest, trainer, export, smoke):
+        for task in (digest, ingest, trainer, export, smoke):
             _retry(task)
-        for task in (start, ingest, validate, text, image, encode, trainer, scorer, references,
-                     evaluate, register, export, smoke):  # fmt: skip
+        for task in (start, digest, ingest, validate, text, image, encode, trainer, scorer,
+                     references, evaluate, register, export, smoke):  # fmt: skip
             _knows_its_run(task)
     _knows_its_run(end)
 

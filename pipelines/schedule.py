@@ -1,12 +1,15 @@
 """Retraining on a schedule: a recurring run on Kubeflow, or `parti retrain` from cron.
 
 On a cluster, `schedule` creates a Kubeflow Pipelines recurring run of the compiled
-pipeline: each run ingests what `source` holds then, and the promotion gate decides
-(pin a `data_digest` only for runs that must fail if the data moved). The `parti-retrain`
-CronJob (deploy/k8s) runs `retrain` instead, which skips unchanged data before any step
-starts. On one machine, `retrain` compares the data's DVC
-digest with the one the registry's champion was trained on, and runs the pipeline only
-when they differ; the promotion gate then decides whether the new model serves.
+pipeline: each run's first, uncached step takes the DVC digest of what `source` holds
+then and keys ingest's cache with it, so new data at the same path are ingested and
+trained on, and unchanged data come from the cache up to the gate (pin a `data_digest`
+only for runs that must fail if the data moved). The `parti-retrain` CronJob
+(deploy/k8s) runs `retrain` instead, which skips known data before any step starts:
+`retrain` compares the data's DVC digest with the one the registry's champion was
+trained on and with the one the newest registered version (`challenger`) was trained
+on, whatever the gate decided for it, and runs the pipeline only when it equals
+neither; the promotion gate then decides whether the new model serves.
 """
 
 from __future__ import annotations
@@ -35,31 +38,70 @@ def data_digest(config: Config, source: str | Path | None) -> str:
         return dvc_md5(Path(tmp) / "raw")
 
 
-def champion_digest(config: Config) -> str | None:
-    """The data digest the champion was trained on; None when there is no champion."""
-    from parti_ops.components.registry import CHAMPION, alias_version
+def _alias_digest(config: Config, alias: str) -> str | None:
+    """The data digest the version `alias` names was trained on; None without that alias."""
+    from parti_ops.components.registry import alias_version
     from parti_ops.components.tracking import client_for
 
     client, _ = client_for(config)
     name = config.registry.model_name
-    version = alias_version(client, name, CHAMPION)
+    version = alias_version(client, name, alias)
     if version is None:
         return None
     return client.get_model_version(name, version).tags.get("data_digest")
 
 
-def retrain(config: Config, source: str | Path | None = None) -> dict[str, Any]:
-    """Run the pipeline if the data differ from the champion's; report what happened."""
+def champion_digest(config: Config) -> str | None:
+    """The data digest the champion was trained on; None when there is no champion."""
+    from parti_ops.components.registry import CHAMPION
+
+    return _alias_digest(config, CHAMPION)
+
+
+def last_trained_digest(config: Config) -> str | None:
+    """The data digest the newest registered version was trained on, promoted or not.
+
+    The register step tags every version with its data digest and moves the `challenger`
+    alias to it before the gate runs, so this is the data the last completed training
+    was on, whichever way the gate went (a rejected model leaves the champion's digest
+    as it was). None when no version was registered.
+    """
+    from parti_ops.components.registry import CHALLENGER
+
+    return _alias_digest(config, CHALLENGER)
+
+
+def retrain(
+    config: Config, source: str | Path | None = None, *, force: bool = False
+) -> dict[str, Any]:
+    """Run the pipeline unless the data were trained on already; report what happened.
+
+    Data whose DVC digest is the champion's, or that of the last registered version
+    (trained on and judged by the gate, even if the gate rejected it), are skipped;
+    `force` runs the pipeline anyway.
+    """
     from parti_ops.pipelines.parti import run_local
 
     started = time.monotonic()
     digest = data_digest(config, source)
-    current = champion_digest(config)
-    report: dict[str, Any] = {"data_digest": digest, "champion_data_digest": current}
-    if digest == current:
-        log.info("data unchanged (%s): the champion was trained on it; nothing to do", digest)
+    champion, last = champion_digest(config), last_trained_digest(config)
+    report: dict[str, Any] = {
+        "data_digest": digest,
+        "champion_data_digest": champion,
+        "last_trained_data_digest": last,
+        "forced": force,
+    }
+    if digest in (champion, last) and not force:
+        whose = "the champion" if digest == champion else "the last registered version"
+        log.info("data unchanged (%s): %s was trained on it; nothing to do", digest, whose)
         return {**report, "retrained": False, "seconds": time.monotonic() - started}
-    log.info("data %s differ from the champion's (%s): running the pipeline", digest, current)
+    if digest in (champion, last):
+        log.info("data %s were trained on already; retraining (forced)", digest)
+    else:
+        log.info(
+            "data %s are new (champion's: %s, last trained on: %s): running the pipeline",
+            digest, champion, last,
+        )  # fmt: skip
     result = run_local(config, source)
     return {**report, "retrained": True, "run": result, "seconds": time.monotonic() - started}
 
@@ -87,9 +129,12 @@ def schedule(
 ) -> str:
     """Create a recurring run of the compiled pipeline on Kubeflow; returns its id.
 
-    One run at a time (`max_concurrency=1`), no catch-up of missed runs, caching on.
-    A `data_digest` pins every run to that data version: runs fail at ingest once the data
-    at `source` change, so leave it empty for a schedule that follows the data.
+    One run at a time (`max_concurrency=1`), no catch-up of missed runs, and each step's
+    caching as compiled: every run digests the data at `source` afresh (never cached)
+    and ingest's cache is keyed by that digest, so changed data are ingested and trained
+    on, and unchanged data come from the cache up to the promotion gate. Leave
+    `data_digest` empty for that; a digest pins every run to one data version, and runs
+    fail at their first step once the data at `source` change.
     """
     import kfp
 
@@ -105,7 +150,9 @@ def schedule(
             cron_expression=cron_fields(cron),
             max_concurrency=1,
             no_catchup=True,
-            enable_caching=True,
+            # None keeps each task's compiled caching option; a bool would override them
+            # (kfp.Client sets it on the root DAG's tasks, the exit handler's among them).
+            enable_caching=None,
             params={
                 "config_json": config.to_json(),
                 "source": source,

@@ -52,6 +52,15 @@ QUARANTINED = {
     "empty_caption": ("caption_empty", "caption is empty or only whitespace"),
     "whitespace_caption": ("caption_empty", "caption is empty or only whitespace"),
     "caption_10000_chars": ("caption_too_long", "caption has 10000 characters (max 1000)"),
+    "bidi_override_caption": (
+        "caption_control_chars",
+        "format characters: U+202E RIGHT-TO-LEFT OVERRIDE, U+202C POP DIRECTIONAL FORMATTING",
+    ),
+    "invisible_chars_caption": (
+        "caption_control_chars",
+        "format characters: U+FEFF ZERO WIDTH NO-BREAK SPACE, U+200B ZERO WIDTH SPACE,"
+        " U+2067 RIGHT-TO-LEFT ISOLATE, U+2069 POP DIRECTIONAL ISOLATE, U+0007 (control)",
+    ),
     "missing_caption_field": ("unreadable", "missing caption field 'text'"),
     "malformed_json": ("unreadable", "malformed JSON line (Expecting ',' delimiter)"),
     "parent_traversal": (
@@ -67,6 +76,11 @@ QUARANTINED = {
     "duplicate_copy": ("duplicate_image", "same image bytes as row 0"),
 }
 CSV_CAPTION = 'a red, round ball on a "blue" table'
+# Joiners that captions in Persian, Indic scripts and emoji sequences need: accepted.
+JOINER_CAPTIONS = {
+    "zwnj_persian_caption": "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",
+    "zwj_emoji_caption": "a woman technologist \U0001f469\u200d\U0001f4bb",
+}
 
 
 # --- drawing the corpus ---
@@ -179,6 +193,9 @@ def build_imagefolder(root: Path) -> dict[str, str]:
         ("empty_caption", ""),
         ("whitespace_caption", " \t\n  \r\n "),
         ("caption_10000_chars", "x" * 10_000),
+        ("bidi_override_caption", "a cat \u202eeldoop a\u202c on a mat"),
+        ("invisible_chars_caption", "\ufeffa zero\u200bwidth \u2067isolate\u2069 bell \x07"),
+        *JOINER_CAPTIONS.items(),
     ]:
         image_row(case, f"{case}.png", _unique_png(k), caption)
         k += 1
@@ -299,6 +316,12 @@ def test_good_rows_are_accepted_with_their_split(corpus, validated):
     assert report["splits"]["validation"] == GOOD_VALIDATION + 1  # + the quoted CSV row
 
 
+def test_joiners_in_captions_are_accepted(corpus, validated):
+    _, _, accepted = validated
+    for case, caption in JOINER_CAPTIONS.items():
+        assert accepted[corpus[1][case]]["caption"] == caption
+
+
 def test_duplicate_keeps_the_first_copy(corpus, validated):
     _, _, accepted = validated
     first = accepted[corpus[1]["good-train-000"]]
@@ -396,7 +419,9 @@ def test_csv_without_caption_column_is_refused(tmp_path):
 
 def _canonical_rows(source: Path, out: Path) -> dict[str, dict]:
     ingest(source, out, DATA)
-    return {row["source"]: row for table in iter_shards(out) for row in table.to_pylist()}
+    rows = [row for table in iter_shards(out) for row in table.to_pylist()]
+    # Shards hold one split each: source order is row_id order, not file order.
+    return {row["source"]: row for row in sorted(rows, key=lambda row: row["row_id"])}
 
 
 def test_parquet_image_bytes_column(tmp_path):

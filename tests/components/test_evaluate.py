@@ -37,6 +37,7 @@ SCORER = {
     "scorer.text_width": 32,
     "scorer.text_layers": 1,
     "evaluate.prompts": 4,
+    "evaluate.seen_prompts": 4,
     "evaluate.fid_images": 16,
     "evaluate.batch_size": 8,
 }
@@ -246,3 +247,38 @@ def test_a_local_hugging_face_clip_replaces_the_scorer_everywhere(setup, inputs)
     images, captions = load_pairs(inputs["accepted"], "test")
     scores = features.reranker()(images[:3], captions[0])
     assert scores.shape == (3,) and torch.all(scores.abs() <= 1 + 1e-6)  # cosine similarities
+
+
+def test_choosing_a_setting_reads_validation_only(setup, inputs, monkeypatch):
+    import parti_ops.components.evaluate as evaluate_module
+    from parti_ops.components.registry import decide
+    from parti_ops.components.tokenizers import iter_split
+
+    read: list[str] = []
+
+    def spy(data_dir, split, columns):
+        read.append(split)
+        return iter_split(data_dir, split, columns)
+
+    monkeypatch.setattr(evaluate_module, "iter_split", spy)
+    grid = [{"temperature": 0.7}, {"temperature": 1.0, "guidance_scale": 3.0}]
+    results = evaluate_module.sweep_sampling(
+        setup["config"], setup["root"] / "bundle", inputs["accepted"], setup["scorer"], grid
+    )
+    assert read and set(read) == {"validation"}
+    assert sorted(map(str, (r["settings"] for r in results))) == sorted(map(str, grid))
+    for entry in results:
+        low, high = entry["interval"]
+        assert low <= entry["prompt_following"] <= high and 0 <= entry["exact"] <= 1
+    assert results[0]["prompt_following"] >= results[1]["prompt_following"]  # best first
+
+    # The gate reads validation's metrics: anything measured on test leaves it unmoved.
+    body = {
+        "metrics": {"validation/bits_per_token": 2.0, "validation/prompt_following": 0.7},
+        "key": {"data_digest": "d", "evaluator": "e"},
+    }
+    worse_on_test = {**body, "metrics": {**body["metrics"], "test/bits_per_token": 9.9,
+                                         "test/prompt_following": 0.0}}  # fmt: skip
+    rules = setup["config"].registry
+    first, second = decide(body, body, rules), decide(worse_on_test, body, rules)
+    assert first.to_dict() == second.to_dict()

@@ -18,6 +18,7 @@ from parti_ops.components.registry import (
     CHAMPION,
     DECISION_JSON,
     DECISION_MD,
+    FOLLOWING,
     PREVIOUS,
     RegistryError,
     bundle_lineage,
@@ -32,9 +33,24 @@ from parti_ops.model.config import Config, ConfigError, RegistryConfig
 KEY = {"data_digest": "heldout-1", "evaluator": "oracle+scorer-1", "feature_model": "scorer-1"}
 
 
-def evaluation(fidelity, bits, fid=50.0, key=KEY, **more) -> dict:
-    metrics = {"fidelity": fidelity, "heldout_bits_per_token": bits, "fid": fid, **more}
+def evaluation(fidelity, bits, fid=50.0, key=KEY, following=0.8, **more) -> dict:
+    """An evaluation with the gate's validation metrics; `fidelity` None: data without scenes."""
+    metrics = {
+        "validation/exact": fidelity,
+        "validation/bits_per_token": bits,
+        "validation/prompt_following": following,
+        "fid": fid,
+        **more,
+    }
+    metrics = {k: v for k, v in metrics.items() if v is not None}
     return {"metrics": {"clip_score": 0.25, **metrics}, "key": dict(key)}
+
+
+def with_prompts(body: dict, **per_prompt: list[float]) -> dict:
+    """`body` with per-prompt values (metric → list) and the mean of each as its metric."""
+    values = {name.replace("__", "/"): v for name, v in per_prompt.items()}
+    metrics = {**body["metrics"], **{k: float(np.mean(v)) for k, v in values.items()}}
+    return {**body, "metrics": metrics, "per_prompt": values}
 
 
 def write_evaluation(folder: Path, body: dict) -> Path:
@@ -94,7 +110,7 @@ def test_first_model_is_judged_by_the_floors_only():
     assert decide(evaluation(0.3, 2.0), None, rules).promoted
     low = decide(evaluation(0.1, 2.0), None, rules)
     assert low.outcome == "reject" and low.failed_rules == ["min_fidelity"]
-    assert "min_fidelity (0.1 not >= 0.2)" in low.reason
+    assert "min_fidelity (validation/exact 0.1: validation/exact not >= 0.2)" in low.reason
     diverged = decide(evaluation(0.3, math.nan), None, rules)
     assert diverged.failed_rules == ["max_bits_per_token"]  # NaN never passes
 
@@ -111,7 +127,8 @@ def test_each_rule_against_the_champion():
     assert by_name["max_nll_rise"].champion == 2.0
     no_fid = decide(evaluation(0.5, 2.0, fid=None), champion, rules)
     assert no_fid.promoted
-    assert {r.name: r.note for r in no_fid.rules}["max_fid_rise"].startswith("not measured")
+    assert {r.name: r.status for r in no_fid.rules}["max_fid_rise"] == "not applied"
+    assert "max_fid_rise" in no_fid.not_applied and "not applied: max_fid_rise" in no_fid.reason
 
 
 def test_bits_of_another_image_tokenizer_are_not_compared():
@@ -121,9 +138,70 @@ def test_bits_of_another_image_tokenizer_are_not_compared():
     assert same.failed_rules == ["max_nll_rise"]
     other = decide({**evaluation(0.85, 0.45), "image_tokenizer": "refined-codes"}, champion, rules)
     assert other.promoted, other.reason
-    assert {r.name: r.note for r in other.rules}["max_nll_rise"].startswith("other image tokenizer")
+    assert "other image tokenizer" in {r.name: r.note for r in other.rules}["max_nll_rise"]
     worse = decide({**evaluation(0.70, 0.45), "image_tokenizer": "refined-codes"}, champion, rules)
     assert worse.failed_rules == ["max_fidelity_drop"]  # the other rules still apply
+
+
+def test_data_without_scenes_is_judged_without_the_oracle_and_says_so():
+    rules = RegistryConfig(min_fidelity=0.5)
+    first = decide(evaluation(None, 2.0), None, rules)
+    assert first.promoted, first.reason
+    rule = {r.name: r for r in first.rules}["min_fidelity"]
+    assert rule.status == "not applied" and rule.value is None and rule.passed
+    assert first.not_applied == ["min_fidelity"] and "not applied: min_fidelity" in first.reason
+    told = {**evaluation(None, 2.0), "not_computed": {"validation/exact": "no scenes here"}}
+    assert (
+        "no scenes here"
+        in {r.name: r.note for r in decide(told, None, rules).rules}["min_fidelity"]
+    )
+    against = decide(evaluation(None, 2.0), evaluation(None, 2.0), rules)
+    assert against.promoted and set(against.not_applied) == {"min_fidelity", "max_fidelity_drop"}
+
+
+def test_prompt_following_floor_is_judged_by_its_interval():
+    rules = RegistryConfig(min_prompt_following=0.5)
+    sure = {**evaluation(None, 2.0, following=0.6), "intervals": {FOLLOWING: (0.55, 0.65)}}
+    assert decide(sure, None, rules).promoted
+    unsure = {**evaluation(None, 2.0, following=0.6), "intervals": {FOLLOWING: (0.45, 0.75)}}
+    decision = decide(unsure, None, rules)
+    assert decision.failed_rules == ["min_prompt_following"]
+    assert "validation/prompt_following 0.6, interval [0.45, 0.75]" in decision.reason
+
+
+def test_against_the_champion_noise_does_not_flip_the_decision_a_real_loss_does():
+    rng = np.random.default_rng(0)
+    rules = RegistryConfig(
+        max_nll_rise=0.02, max_prompt_following_drop=0.02, min_prompt_following=0
+    )
+    bits = rng.normal(2.0, 0.3, 200)
+    follow = rng.uniform(0.3, 1.0, 200)
+    champion = with_prompts(evaluation(None, 0), validation__bits_per_token=list(bits),
+                            validation__prompt_following=list(follow))  # fmt: skip
+    # Each prompt's score moves by noise alone: the points may differ by more than the
+    # margins, the paired intervals reach back inside them.
+    noisy = with_prompts(
+        evaluation(None, 0),
+        validation__bits_per_token=list(bits + rng.normal(0.03, 0.4, 200)),
+        validation__prompt_following=list(follow + rng.normal(-0.03, 0.3, 200)),
+    )
+    kept = decide(noisy, champion, rules)
+    assert kept.promoted, kept.reason
+    by_name = {r.name: r for r in kept.rules}
+    assert by_name["max_nll_rise"].interval[0] < 0.02 < by_name["max_nll_rise"].interval[1]
+    worse = with_prompts(
+        evaluation(None, 0),
+        validation__bits_per_token=list(bits + 0.5),
+        validation__prompt_following=list(follow * 0.5),
+    )
+    refused = decide(worse, champion, rules)
+    assert refused.failed_rules == ["max_prompt_following_drop", "max_nll_rise"]
+    assert "max_nll_rise (validation/bits_per_token" in refused.reason
+    assert "interval [0.5, 0.5]: difference not <= 0.02" in refused.reason
+    # Without the champion's per-prompt values the points are compared, and the rule says so.
+    plain = decide(worse, evaluation(None, float(bits.mean())), rules)
+    assert "point values compared" in {r.name: r.note for r in plain.rules}["max_nll_rise"]
+    assert "max_nll_rise" in plain.failed_rules
 
 
 def test_other_held_out_data_is_refused_not_compared():
@@ -138,9 +216,10 @@ def test_other_held_out_data_is_refused_not_compared():
     ("body", "message"),
     [
         ({"key": KEY}, "missing field 'metrics'"),
-        ({"metrics": {"fidelity": 0.1}, "key": KEY}, "missing field metrics.heldout_bits"),
+        ({"metrics": {"fidelity": 0.1}, "key": KEY}, "missing field metrics.validation/bits"),
         (evaluation(0.1, 2.0, key={"data_digest": "d"}), "missing field key.evaluator"),
-        (evaluation("high", 2.0), "metrics.fidelity='high' is not a number"),
+        (evaluation("high", 2.0), "metrics.validation/exact='high' is not a number"),
+        ({**evaluation(0.1, 2.0), "intervals": {"fid": [1]}}, "intervals.fid=.1. is not"),
     ],
 )
 def test_a_malformed_evaluation_names_the_file_and_field(tmp_path, body, message):
@@ -205,10 +284,10 @@ def test_gate_promotes_a_better_challenger_and_refuses_a_worse_one(
     assert tags["text_tokenizer.digest"] == manifest["text_tokenizer"]["digest"]
     assert tags["image_tokenizer.digest"] == manifest["image_tokenizer"]["digest"]
     assert tags["scorer.version"] == KEY["feature_model"] and tags["preset"] == "tiny"
-    assert float(tags["metric.fidelity"]) == 0.35 and tags["git_sha"]
+    assert float(tags["metric.validation/exact"]) == 0.35 and tags["git_sha"]
     client = MlflowClient(config.mlflow_tracking_uri())
     run = client.get_run(client.get_model_version("parti", "3").run_id)
-    assert run.data.metrics["heldout_bits_per_token"] == 1.85
+    assert run.data.metrics["validation/bits_per_token"] == 1.85
     assert run.inputs.dataset_inputs[0].dataset.digest == manifest["data_digest"]
     assert run.data.tags["gate.decision"] == "promote"
 
@@ -279,7 +358,7 @@ def test_a_champion_evaluated_elsewhere_is_rescored_or_refused(
     assert len(seen) == 1
     assert rescored["promoted"], rescored["reason"]
     assert rescored["champion"]["reevaluated"] and rescored["champion"]["version"] == "1"
-    assert rescored["champion"]["metrics"]["fidelity"] == 0.25
+    assert rescored["champion"]["metrics"]["validation/exact"] == 0.25
     assert aliases(config)[CHAMPION] == "3" and aliases(config)[PREVIOUS] == "1"
 
 

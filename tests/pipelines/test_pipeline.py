@@ -115,12 +115,21 @@ def test_cached_steps_take_only_inputs_that_stay_the_same_from_run_to_run():
     cached = {name for name, task in tasks.items() if task["cachingOptions"].get("enableCache")}
     assert {"ingest-op", "validate-op", "image-tokenizer-op", "encode-op", "train-op"} <= cached
     assert "start-run-op" not in cached and "register-op" not in cached
+    # Ingest's data digest is the output of the digest step, which is never cached.
+    assert "data-digest-op" not in cached
+    digest = {
+        "taskOutputParameter": {"producerTask": "data-digest-op", "outputParameterKey": "Output"}
+    }
     for name in cached:
         for key, value in tasks[name]["inputs"].get("parameters", {}).items():
-            # Only pipeline parameters that name the config and the data, never the run's
-            # id, name or code version, nor another task's output (the parent run id).
+            # Only the pipeline parameters that name the config and the data, and the data's
+            # digest from the digest step; never the run's id, name or code version, nor
+            # another task's output (the parent run id).
+            if (name, key) == ("ingest-op", "data_digest"):
+                assert value == digest
+                continue
             assert value == {"componentInputParameter": f"pipelinechannel--{key}"}, (name, key)
-            assert key in {"config_json", "source", "data_digest"}, (name, key)
+            assert key in {"config_json", "source"}, (name, key)
     # Every step, the exit handler too, finds the kfp run id in its environment.
     for task in [*tasks.values(), spec["root"]["dag"]["tasks"]["end-run-op"]]:
         executor = executors[task["componentRef"]["name"].replace("comp-", "exec-", 1)]
