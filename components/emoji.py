@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from parti_ops.components.ingest import IngestError
+from parti_ops.components.shards import empty_own_folder
 
 log = logging.getLogger(__name__)
 
@@ -352,22 +352,7 @@ def _write(out: Path, rows: list[dict[str, Any]], images: dict[str, bytes]) -> N
 
 def _clear(out: Path) -> None:
     """Make `out` empty, deleting only what an earlier conversion wrote there."""
-    if out.exists() and not out.is_dir():
-        raise IngestError(f"{out}: a file, not a folder; pass a folder for the image folder")
-    if not out.exists():
-        out.mkdir(parents=True)
-        return
-    entries = list(out.iterdir())
-    if not all(_is_own(entry) for entry in entries):
-        raise IngestError(
-            f"{out}: not empty, and holds more than an earlier conversion; refusing to"
-            " overwrite it (pass a new or empty folder)"
-        )
-    for entry in entries:
-        if entry.is_dir():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
+    empty_own_folder(out, _is_own, IngestError, "conversion")
 
 
 def _is_own(entry: Path) -> bool:

@@ -1,10 +1,11 @@
 """The pinned evaluator: works on any captioned data; the attribute oracle where it can.
 
 Everything a number depends on is fixed and recorded: the held-out rows (by the data's
-DVC digest), the feature model (by the digest of its files), the prompts (the first
-`evaluate.prompts` captioned rows of each held-out split, `evaluate.seen_prompts` of
-`train`), the sampling settings and the seeds. The same bundle evaluated twice gives the
-same numbers, and two bundles are compared only when their evaluations share that key.
+DVC digest), the feature model (by the digest of its files), the prompts
+(`evaluate.prompts` captioned rows spread evenly over each held-out split,
+`evaluate.seen_prompts` over `train`), the sampling settings and the seeds. The same
+bundle evaluated twice gives the same numbers, and two bundles are compared only when
+their evaluations share that key.
 
 - **NLL**: bits per token of the held-out images' codes given their captions, encoded
   with the bundle's own tokenizers (so bundles with other tokenizers stay comparable).
@@ -46,7 +47,7 @@ from parti_ops.components.shards import (
     read_manifest,
     write_json,
 )
-from parti_ops.components.stats import mean_interval, rank_wins, top1
+from parti_ops.components.stats import mean_interval, paired_difference, rank_wins, top1
 from parti_ops.components.tokenizers import decode_png, iter_split, load_captioned, parse_scene
 from parti_ops.components.versioning import files_digest
 from parti_ops.model.config import Config, SampleConfig
@@ -57,6 +58,9 @@ log = logging.getLogger(__name__)
 
 # Unseen captions; test: (colour, shape) pairs never seen in training.
 EVALUATION, REPORT, SAMPLES = "evaluation.json", "report.md", "samples.png"
+# Part of every evaluation's key: a change to what is measured, or on which prompts,
+# makes earlier evaluations incomparable, and the gate re-evaluates the champion.
+EVALUATOR_VERSION = 2
 FID_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 
 
@@ -179,7 +183,7 @@ def fid_references(
         return path
     from safetensors.torch import save_file
 
-    images = _first_captioned(data_dir, TUNING_SPLIT, limit)[0]
+    images = _spread_captioned(data_dir, TUNING_SPLIT, limit)[0]
     if len(images) < 2:
         raise EvaluationError(
             f"{data_dir}: FID needs >= 2 captioned images in split {TUNING_SPLIT!r}, found"
@@ -205,43 +209,37 @@ def fid_references(
     return path
 
 
-def _first_captioned(
+def _spread_captioned(
     data_dir: str | Path, split: str, limit: int
 ) -> tuple[torch.Tensor, list[str], list[Any]]:
-    """The first `limit` captioned rows of a split: images, captions and scenes (or None)."""
+    """`limit` captioned rows of a split, spread evenly over it: images, captions, scenes.
+
+    Files are often sorted by name (and so by topic); the first rows alone would score one
+    corner of the data. Only the chosen rows' images are decoded.
+    """
+    captioned = [
+        (shard, row)
+        for shard, table in enumerate(iter_split(data_dir, split, ["caption"]))
+        for row, caption in enumerate(table["caption"].to_pylist())
+        if caption
+    ]
+    if len(captioned) > limit:
+        picks = np.linspace(0, len(captioned) - 1, limit).round().astype(int)
+        captioned = [captioned[i] for i in picks]
+    wanted: dict[int, set[int]] = {}
+    for shard, row in captioned:
+        wanted.setdefault(shard, set()).add(row)
     images, captions, scenes = [], [], []
-    for table in iter_split(data_dir, split, ["image", "caption", "metadata"]):
-        for image, caption, metadata in zip(
-            table["image"].to_pylist(),
-            table["caption"].to_pylist(),
-            table["metadata"].to_pylist(),
-            strict=True,
-        ):
-            if len(captions) == limit:
-                break
-            if caption:
-                images.append(decode_png(image))
-                captions.append(caption)
-                scenes.append(parse_scene(metadata))
-        if len(captions) == limit:
-            break
+    for shard, table in enumerate(iter_split(data_dir, split, ["image", "caption", "metadata"])):
+        rows = sorted(wanted.get(shard, ()))
+        if not rows:
+            continue
+        chosen = table.take(rows)
+        images += [decode_png(b) for b in chosen["image"].to_pylist()]
+        captions += chosen["caption"].to_pylist()
+        scenes += [parse_scene(m) for m in chosen["metadata"].to_pylist()]
     stacked = torch.from_numpy(np.stack(images)) if images else torch.empty(0, 0, 0, 3)
     return stacked.to(torch.uint8), captions, scenes
-
-
-def heldout_prompts(data_dir: str | Path, split: str, limit: int) -> list[tuple[str, Any]]:
-    """The first `limit` (caption, scene) pairs of a split that carry a scene."""
-    pairs = []
-    for table in iter_split(data_dir, split, ["caption", "metadata"]):
-        for caption, metadata in zip(
-            table["caption"].to_pylist(), table["metadata"].to_pylist(), strict=True
-        ):
-            scene = parse_scene(metadata)
-            if scene is not None and caption:
-                pairs.append((caption, scene))
-            if len(pairs) == limit:
-                return pairs
-    return pairs
 
 
 def evaluator_sampling(config: Config) -> SampleConfig:
@@ -253,6 +251,7 @@ def evaluator_sampling(config: Config) -> SampleConfig:
 def evaluation_key(config: Config, data_dir: str | Path, features: FeatureModel) -> dict[str, str]:
     """What makes two evaluations comparable: the held-out data and the evaluator."""
     evaluator = {
+        "version": EVALUATOR_VERSION,
         "feature_model": features.version,
         "evaluate": asdict(config.evaluate),
         "sample": asdict(evaluator_sampling(config)),
@@ -301,14 +300,15 @@ def evaluate_bundle(
     """Evaluate a trained bundle on any captioned data; the oracle only where rows have scenes.
 
     Per split (`train`: seen captions, `validation`, `test`): bits per image token of all
-    captioned held-out rows; for the first `evaluate.prompts` captions (`seen_prompts` of
-    `train`) one sample each, and from the feature model: prompt following (how often a
-    prompt's own sample outscores the other prompts' samples; chance 0.5), the same score
-    of the real images, caption → image retrieval R@1 among the real images, CLIP score;
-    the attribute oracle's accuracy where the rows carry synthetic scenes. FID compares
-    the validation samples with the validation images. Each score has a 95 % bootstrap
-    interval over prompts. Writes `evaluation.json` (what was measured, and why anything
-    was not), `report.md` and `samples.png` (caption | generated | real) into `out_dir`.
+    captioned held-out rows; one sample for each of `evaluate.prompts` captions spread
+    over the split (`seen_prompts` of `train`), scored by the feature model: prompt
+    following (the share of other prompts' samples a prompt's own sample outscores;
+    chance 0.5), the same score of the real images, caption → image retrieval R@1 among
+    the real images, CLIP score; the attribute oracle's accuracy where the rows carry
+    synthetic scenes. FID compares the validation samples with the validation images.
+    Each score has a 95 % bootstrap interval over prompts. Writes `evaluation.json`
+    (what was measured, and why anything was not), `report.md` and `samples.png`
+    (caption | generated | real) into `out_dir`.
 
     Args:
         feature_dir: the scorer folder (`parti scorer train`) or a local Hugging Face CLIP;
@@ -350,7 +350,7 @@ def evaluate_bundle(
     shown: dict[str, tuple[list[str], torch.Tensor, torch.Tensor]] = {}
     exact: list[float] = []
     for split, limit in ((SEEN_SPLIT, ev.seen_prompts), *((s, ev.prompts) for s in HELDOUT_SPLITS)):
-        real, captions, scenes = _first_captioned(data_dir, split, limit)
+        real, captions, scenes = _spread_captioned(data_dir, split, limit)
         if len(set(captions)) < 2:
             why = "evaluate.seen_prompts is 0" if not limit else "fewer than 2 distinct captions"
             scores.skip(f"{split}/prompt_following", f"{why} in split {split!r}")
@@ -523,7 +523,7 @@ def sample_grid(shown: dict[str, tuple[list[str], Any, Any]], rows: int) -> Imag
     """
     from PIL import ImageDraw, ImageFont
 
-    scale, text_width = 2, 360
+    scale, text_width = 2, 240
     items = [
         (f"{split}: {caption}", gen, real)
         for split, (captions, generated, images) in shown.items()
@@ -535,13 +535,13 @@ def sample_grid(shown: dict[str, tuple[list[str], Any, Any]], rows: int) -> Imag
         return Image.new("RGB", (text_width, 32), "white")
     side = items[0][1].shape[0] * scale
     canvas = Image.new("RGB", (text_width + 2 * side + 8, side * len(items)), "white")
-    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default(size=14)
     for i, (label, gen, real) in enumerate(items):
         top = i * side
         for column, image in enumerate((gen, real)):
             tile = Image.fromarray(image).resize((side, side), Image.Resampling.NEAREST)
             canvas.paste(tile, (text_width + column * (side + 8), top))
-        draw.multiline_text((4, top + 4), _wrap(label, 56), fill="black", font=font)
+        draw.multiline_text((4, top + 4), _wrap(label, 28, lines=7), fill="black", font=font)
     return canvas
 
 
@@ -594,19 +594,20 @@ def sweep_sampling(
     """Score sampling settings on `validation` only, best first (by prompt following).
 
     Each setting in `grid` overrides `sample` fields (e.g. `{"guidance_scale": 3.0}`); the
-    first `evaluate.prompts` validation captions are sampled with the evaluator's seeds.
+    `evaluate.prompts` validation captions are sampled with the evaluator's seeds.
     `test` is never read: settings chosen here are then reported on it by `evaluate_bundle`.
 
     Returns:
-        One entry per setting: the settings, prompt following with its interval, and the
-        oracle's exact accuracy where the rows carry scenes.
+        One entry per setting: the settings, prompt following with its interval and
+        per-prompt values, its paired difference to the best setting with that interval
+        (`vs_best`), and the oracle's exact accuracy where the rows carry scenes.
     """
     from parti_ops.model.generate import TextToImage
 
     bundle = TextToImage.load(bundle_dir)
     features = FeatureModel.load(config.scorer.clip_model or feature_dir)
     ev = config.evaluate
-    real, captions, scenes = _first_captioned(data_dir, TUNING_SPLIT, ev.prompts)
+    real, captions, scenes = _spread_captioned(data_dir, TUNING_SPLIT, ev.prompts)
     if len(set(captions)) < 2:
         raise EvaluationError(
             f"{data_dir}: a sampling sweep needs >= 2 distinct {TUNING_SPLIT} captions"
@@ -618,15 +619,23 @@ def sweep_sampling(
         generated = bundle(captions, settings, rerank=rerank, batch_size=ev.batch_size)
         scores = _Scores()
         _feature_scores(scores, features, TUNING_SPLIT, captions, generated, real,
-                        ev.batch_size, keep=False)  # fmt: skip
+                        ev.batch_size, keep=True)  # fmt: skip
+        name = f"{TUNING_SPLIT}/prompt_following"
         entry = {
             "settings": dict(overrides),
-            "prompt_following": scores.metrics[f"{TUNING_SPLIT}/prompt_following"],
-            "interval": scores.intervals[f"{TUNING_SPLIT}/prompt_following"],
+            "prompt_following": scores.metrics[name],
+            "interval": scores.intervals[name],
+            "per_prompt": scores.per_prompt[name],
         }
         if all(scene is not None for scene in scenes):
             pairs = zip(generated.numpy(), scenes, strict=True)
             entry["exact"] = float(np.mean([compare(read_scene(i), s)["exact"] for i, s in pairs]))
         results.append(entry)
         log.info("sweep %s: prompt following %.3f", overrides, entry["prompt_following"])
-    return sorted(results, key=lambda e: -e["prompt_following"])
+    results.sort(key=lambda e: -e["prompt_following"])
+    # Against the best, prompt by prompt: a setting whose interval includes 0 is as good
+    # as far as these prompts can tell.
+    for entry in results:
+        diff, interval = paired_difference(entry["per_prompt"], results[0]["per_prompt"])
+        entry["vs_best"] = {"difference": diff, "interval": list(interval)}
+    return results

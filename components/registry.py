@@ -167,7 +167,7 @@ def _span(interval: tuple[float, float]) -> str:
 
 def _absent(name: str, metric: str, op: str, evaluation: dict, whose: str = "") -> Rule:
     why = evaluation.get("not_computed", {}).get(metric, "not in the evaluation")
-    note = f"not applied: {whose}{metric} not measured ({why})"
+    note = f"{whose}{metric} not measured ({why})"
     return Rule(name, metric, None, op, None, status=NOT_APPLIED, note=note)
 
 
@@ -301,7 +301,7 @@ def decide(challenger: dict, champion: dict | None, rules: RegistryConfig) -> De
 def _nll_rule(challenger: dict, champion: dict, rules: RegistryConfig) -> Rule:
     tokenizers = challenger.get("image_tokenizer"), champion.get("image_tokenizer")
     if all(tokenizers) and tokenizers[0] != tokenizers[1]:
-        note = "not applied: other image tokenizer, bits of other codes do not compare"
+        note = "other image tokenizer: bits of other codes do not compare"
         new, old = challenger["metrics"].get(BITS), champion["metrics"].get(BITS)
         return Rule("max_nll_rise", BITS, new, "<=", None, champion=old,
                     status=NOT_APPLIED, note=note)  # fmt: skip

@@ -27,8 +27,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -228,3 +229,30 @@ def file_sha256(path: str | Path) -> str:
 
 def write_json(path: str | Path, body: Any) -> None:
     Path(path).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def empty_own_folder(
+    out: Path, is_own: Callable[[Path], bool], refuse: Callable[[str], Exception], what: str
+) -> None:
+    """Make `out` an empty folder, deleting only entries that `is_own` says an earlier run
+    of the same writer left there; anything else raises `refuse(message)`.
+
+    Args:
+        what: what the writer writes, for the messages ("the synthetic data set").
+    """
+    if out.exists() and not out.is_dir():
+        raise refuse(f"{out}: a file, not a folder for {what}; pass a folder")
+    if not out.exists():
+        out.mkdir(parents=True)
+        return
+    entries = list(out.iterdir())
+    if not all(is_own(entry) for entry in entries):
+        raise refuse(
+            f"{out}: not empty, and holds more than an earlier {what}; refusing to"
+            " overwrite it (pass a new or empty folder)"
+        )
+    for entry in entries:
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()

@@ -10,13 +10,13 @@ so DVC sees an unchanged data set as unchanged.
 import json
 import logging
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from parti_ops.components.progress import track
+from parti_ops.components.shards import empty_own_folder
 from parti_ops.model.config import ConfigError, DataConfig
 from parti_ops.model.scenes import describe, render, sample_scene
 
@@ -84,19 +84,7 @@ def synthesize(out_dir: str | Path, data: DataConfig) -> dict[str, Any]:
 
 def _clear(out: Path) -> None:
     """Make `out` an empty folder, deleting only what an earlier `synthesize` wrote there."""
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{out} is a file, not a folder for the synthetic data set")
-    if not out.exists():
-        out.mkdir(parents=True)
-        return
-    entries = list(out.iterdir())
-    if not all(_is_own_split(entry) for entry in entries):
-        raise FileExistsError(
-            f"{out} is not empty and holds more than an earlier synthetic data set; "
-            "refusing to overwrite it (choose an empty or new folder)"
-        )
-    for entry in entries:
-        shutil.rmtree(entry)
+    empty_own_folder(out, _is_own_split, FileExistsError, "synthetic data set")
 
 
 def _is_own_split(entry: Path) -> bool:

@@ -47,6 +47,10 @@ Overrides = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override one field, e.g. --set data.image_size=32 (repeatable)."),
 ]
+Bundle = Annotated[Path, typer.Option(help="Model bundle (`parti train`'s output).")]
+FeatureDir = Annotated[
+    Path, typer.Option(help="Scorer folder (`parti scorer train`) or a local HF CLIP.")
+]
 
 
 @app.callback()
@@ -395,9 +399,7 @@ def generate(
     out: Annotated[
         Path, typer.Option(help="PNG to write; with several prompts, -<i> is added to the name.")
     ] = Path("image.png"),
-    model: Annotated[Path, typer.Option(help="Model bundle (`parti train`'s output).")] = Path(
-        "outputs/parti"
-    ),
+    model: Bundle = Path("outputs/parti"),
     guidance_scale: Annotated[float | None, typer.Option(help="Classifier-free guidance.")] = None,
     temperature: Annotated[float | None, typer.Option(help="0: greedy.")] = None,
     top_k: Annotated[int | None, typer.Option(help="0: off.")] = None,
@@ -441,13 +443,9 @@ def generate(
 @app.command("evaluate")
 @_clear_errors
 def evaluate(
-    model: Annotated[Path, typer.Option(help="Model bundle (`parti train`'s output).")] = Path(
-        "outputs/parti"
-    ),
+    model: Bundle = Path("outputs/parti"),
     data: Accepted = Path("outputs/validated/accepted"),
-    scorer: Annotated[
-        Path, typer.Option(help="Scorer folder (`parti scorer train`) or a local HF CLIP.")
-    ] = Path("outputs/scorer"),
+    scorer: FeatureDir = Path("outputs/scorer"),
     references: Annotated[
         Path | None,
         typer.Option(help="Folder of FID reference statistics, reused across evaluations."),
@@ -484,13 +482,9 @@ def _floats(text: str, name: str) -> list[float]:
 @app.command("sweep")
 @_clear_errors
 def sweep(
-    model: Annotated[Path, typer.Option(help="Model bundle (`parti train`'s output).")] = Path(
-        "outputs/parti"
-    ),
+    model: Bundle = Path("outputs/parti"),
     data: Accepted = Path("outputs/validated/accepted"),
-    scorer: Annotated[
-        Path, typer.Option(help="Scorer folder (`parti scorer train`) or a local HF CLIP.")
-    ] = Path("outputs/scorer"),
+    scorer: FeatureDir = Path("outputs/scorer"),
     guidance_scale: Annotated[str, typer.Option(help="Values to try, e.g. 1.5,3.")] = "",
     temperature: Annotated[str, typer.Option(help="Values to try, e.g. 0.7,1.")] = "",
     top_p: Annotated[str, typer.Option(help="Values to try, e.g. 0.6,1.")] = "",
@@ -524,8 +518,9 @@ def sweep(
     for entry in results:
         low, high = entry["interval"]
         exact = f"  exact {entry['exact']:.3f}" if "exact" in entry else ""
-        following = entry["prompt_following"]
-        print(f"{following:.3f} [{low:.3f}, {high:.3f}]{exact}  {entry['settings']}")
+        following, (d_low, d_high) = entry["prompt_following"], entry["vs_best"]["interval"]
+        print(f"{following:.3f} [{low:.3f}, {high:.3f}]  vs best [{d_low:+.3f}, {d_high:+.3f}]"
+              f"{exact}  {entry['settings']}")  # fmt: skip
     _print_paths("sampling sweep on validation (chance 0.5)", {"results": out.resolve()})
 
 
@@ -812,7 +807,7 @@ def registry_rollback(
 @export_app.command("onnx")
 @_clear_errors
 def export_onnx(
-    model: Annotated[Path, typer.Option(help="Model bundle (`parti train`'s output).")],
+    model: Bundle,
     out: Annotated[Path, typer.Option(help="Folder for the ONNX graphs (replaced).")] = Path(
         "outputs/onnx"
     ),

@@ -271,6 +271,10 @@ def test_choosing_a_setting_reads_validation_only(setup, inputs, monkeypatch):
         low, high = entry["interval"]
         assert low <= entry["prompt_following"] <= high and 0 <= entry["exact"] <= 1
     assert results[0]["prompt_following"] >= results[1]["prompt_following"]  # best first
+    assert results[0]["vs_best"] == {"difference": 0.0, "interval": [0.0, 0.0]}
+    low, high = results[1]["vs_best"]["interval"]
+    assert low <= results[1]["vs_best"]["difference"] <= high
+    assert results[1]["vs_best"]["difference"] <= 0  # the best has the highest mean
 
     # The gate reads validation's metrics: anything measured on test leaves it unmoved.
     body = {

@@ -33,13 +33,19 @@ def _http(server) -> http.InferenceServerClient:
     return http.InferenceServerClient(server.http_url.removeprefix("http://"))
 
 
-def test_http_and_grpc_serve_what_the_model_samples(server, exported):
+def test_http_and_grpc_serve_what_the_model_samples(server, exported, deploy_config):
     images, tokens = generate(server.http_url, [PROMPT, "a small blue star on the left"], seed=11)
     again, tokens_grpc = generate(
         server.grpc_url, [PROMPT, "a small blue star on the left"], seed=11
     )
     runtime = OnnxTextToImage.load(exported["dir"])
-    local, codes = runtime([PROMPT, "a small blue star on the left"], seeds=[11, 12])
+    # A request that names no setting is sampled with the served version's defaults: the
+    # config's `sample` section, written into the repository at export.
+    s = deploy_config.sample
+    local, codes = runtime(
+        [PROMPT, "a small blue star on the left"], seeds=[11, 12],
+        guidance_scale=s.guidance_scale, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+    )  # fmt: skip
     assert images.shape == (2, *runtime.image_shape) and images.dtype == np.uint8
     assert np.array_equal(images, again) and np.array_equal(tokens, tokens_grpc)
     assert np.array_equal(images, local)
