@@ -43,6 +43,9 @@ IMAGE_NAME = re.compile(r"[0-9a-f]{2,6}(?:-[0-9a-f]{2,6})*\.png")
 PACKAGE_NAME = re.compile(r"emoji-datasource-([a-z]+)")
 MAX_JSON_BYTES = 64 << 20  # emoji.json is ~1.3 MB; a much larger member is not the package
 MAX_IMAGE_BYTES = 4 << 20  # a 64x64 PNG is a few kB
+# All the images read, together: one set's 64-pixel images are ~20 MB. Caps what a
+# crafted archive of many large members could make the converter hold in memory.
+MAX_TOTAL_BYTES = 1 << 30
 METADATA = "metadata.jsonl"
 IMAGES = "images"
 HOW_TO_GET = "get one with `npm pack emoji-datasource-apple@16.0.0`"
@@ -57,8 +60,19 @@ class Package:
     emoji: Any = None  # emoji.json, parsed
     images: dict[str, dict[str, bytes]] = field(default_factory=dict)  # set → name → PNG
 
+    read: int = 0  # bytes of images held so far
+
     def where(self, inner: str) -> str:
         return f"{self.path}: package/{inner}"
+
+    def add_image(self, image_set: str, name: str, body: bytes) -> None:
+        self.read += len(body)
+        if self.read > MAX_TOTAL_BYTES:
+            raise IngestError(
+                f"{self.path}: over {MAX_TOTAL_BYTES} bytes of images; this is not an"
+                f" emoji-datasource package; {HOW_TO_GET}"
+            )
+        self.images.setdefault(image_set, {})[name] = body
 
 
 def from_emoji_datasource(package: str | Path, out_dir: str | Path) -> dict[str, Any]:
@@ -169,8 +183,9 @@ def _read_tarball(path: Path) -> Package:
                     _take_json(pkg, inner, body)
                 elif _is_single_image(inner):
                     _, image_set, _, name = inner.split("/")
-                    body = _member_bytes(tar, member, path, MAX_IMAGE_BYTES)
-                    pkg.images.setdefault(image_set, {})[name] = body
+                    pkg.add_image(
+                        image_set, name, _member_bytes(tar, member, path, MAX_IMAGE_BYTES)
+                    )
     except (tarfile.TarError, EOFError, OSError) as err:
         raise IngestError(
             f"{path}: not a readable .tgz package ({err}); {HOW_TO_GET}, or pass its folder"
@@ -221,10 +236,10 @@ def _read_folder(path: Path) -> Package:
     if img.is_dir():
         for folder in sorted(img.glob(f"*/{IMAGE_FOLDER}")):
             if folder.is_dir() and not folder.is_symlink():
-                images = pkg.images.setdefault(folder.parent.name, {})
                 for file in sorted(folder.iterdir()):
                     if IMAGE_NAME.fullmatch(file.name):
-                        images[file.name] = _file_bytes(file, root, MAX_IMAGE_BYTES)
+                        body = _file_bytes(file, root, MAX_IMAGE_BYTES)
+                        pkg.add_image(folder.parent.name, file.name, body)
     return pkg
 
 

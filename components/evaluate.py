@@ -250,15 +250,19 @@ def evaluator_sampling(config: Config) -> SampleConfig:
 
 def evaluation_key(config: Config, data_dir: str | Path, features: FeatureModel) -> dict[str, str]:
     """What makes two evaluations comparable: the held-out data and the evaluator."""
+    manifest = read_manifest(data_dir)
     evaluator = {
         "version": EVALUATOR_VERSION,
+        # The accepted rows of each split, not only the source's digest: the same source
+        # ingested at another size, split or quarantine rule gives other prompts.
+        "rows": sorted((s["split"], s["sha256"]) for s in manifest["shards"]),
         "feature_model": features.version,
         "evaluate": asdict(config.evaluate),
         "sample": asdict(evaluator_sampling(config)),
     }
     blob = json.dumps(evaluator, sort_keys=True).encode()
     return {
-        "data_digest": read_manifest(data_dir)["data_digest"],
+        "data_digest": manifest["data_digest"],
         "evaluator": hashlib.sha256(blob).hexdigest(),
         "feature_model": features.version,
     }
@@ -448,7 +452,10 @@ def _feature_scores(
         scores.add(f"{split}/{name}", wins[~np.isnan(wins)], chance=0.5, keep=keep and name ==
                    "prompt_following")  # fmt: skip
     similarity = (text @ embed(features.image_features, real).t()).numpy()
-    scores.add(f"{split}/retrieval_r1", top1(similarity, captions), chance=1 / len(set(captions)))
+    # A random pick is right when it lands on any image of the caption: sum of n_c² / N².
+    counts = np.unique(np.asarray(captions, dtype=object), return_counts=True)[1]
+    chance = float((counts**2).sum() / len(captions) ** 2)
+    scores.add(f"{split}/retrieval_r1", top1(similarity, captions), chance=chance)
 
 
 def _clip_score(

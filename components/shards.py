@@ -109,11 +109,7 @@ class ShardWriter:
         self.shard_size = shard_size
         self.shards: list[dict[str, Any]] = []
         self._rows: dict[str, list[dict[str, Any]]] = {}
-        (self.out_dir / MANIFEST).unlink(missing_ok=True)
-        for stale in (self.out_dir / DATA_DIR).glob("*.parquet"):
-            stale.unlink()
-        for stale in self.out_dir.glob("shard-[0-9]*.parquet"):  # format 1 kept them at the top
-            stale.unlink()
+        _remove_earlier_write(self.out_dir)
         (self.out_dir / DATA_DIR).mkdir(parents=True, exist_ok=True)
 
     def write(self, row: dict[str, Any]) -> None:
@@ -171,6 +167,41 @@ class ShardWriter:
         }
         write_json(self.out_dir / MANIFEST, body)
         return body
+
+
+# A shard `ShardWriter` wrote but never listed: a write that stopped before `close`.
+_UNFINISHED = re.compile(rf"{DATA_DIR}/[A-Za-z0-9_.]+-\d{{5}}\.parquet")
+
+
+def _remove_earlier_write(out: Path) -> None:
+    """Remove the shards and manifest an earlier write left in `out`, and nothing else.
+
+    Readers of the folder (`datasets`, pandas) take every file in `data/`, so stale shards
+    must go; Parquet files no write of ours made there (a source inside the output
+    folder, someone's data set) are refused rather than deleted.
+
+    Raises:
+        ShardFormatError: naming the first foreign file.
+    """
+    listed: set[str] = set()
+    try:
+        body = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        listed = {str(shard["file"]) for shard in body["shards"]}
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ShardFormatError(f"{out / MANIFEST}: unreadable ({err}); pass a new folder") from None
+    found = [*out.glob(f"{DATA_DIR}/*.parquet"), *out.glob("shard-[0-9]*.parquet")]
+    for path in found:
+        name = path.relative_to(out).as_posix()
+        if name not in listed and not _UNFINISHED.fullmatch(name):
+            raise ShardFormatError(
+                f"{path}: a Parquet file that no earlier write to {out} listed; refusing to"
+                " delete it (pass a new or empty folder, outside the source)"
+            )
+    (out / MANIFEST).unlink(missing_ok=True)
+    for path in found:
+        path.unlink()
 
 
 def _to_file(table: pa.Table) -> pa.Table:

@@ -425,6 +425,8 @@ def _missing(split: str, rule: dict[str, Any], manifest: dict[str, Any]) -> str:
             " or test, or none at all to split them by content hash"
         )
     drawn, rows = manifest["hash_split"]["rows"].get(split, 0), manifest["rows"]
+    if not rows:
+        return "the data set has no rows at all; check the source's metadata file"
     if drawn:
         return (
             f"split {split!r} has no accepted rows: all {drawn} rows the content hash drew"

@@ -38,8 +38,9 @@ def data_digest(config: Config, source: str | Path | None) -> str:
         return dvc_md5(Path(tmp) / "raw")
 
 
-def _alias_digest(config: Config, alias: str) -> str | None:
-    """The data digest the version `alias` names was trained on; None without that alias."""
+def _alias_digest(config: Config, alias: str, *, decided: bool = False) -> str | None:
+    """The data digest the version `alias` names was trained on; None without that alias
+    (or, with `decided`, while the gate has not recorded a decision on that version)."""
     from parti_ops.components.registry import alias_version
     from parti_ops.components.tracking import client_for
 
@@ -48,7 +49,10 @@ def _alias_digest(config: Config, alias: str) -> str | None:
     version = alias_version(client, name, alias)
     if version is None:
         return None
-    return client.get_model_version(name, version).tags.get("data_digest")
+    tags = client.get_model_version(name, version).tags
+    if decided and "gate.decision" not in tags:
+        return None  # registered, but the gate failed before deciding: try the data again
+    return tags.get("data_digest")
 
 
 def champion_digest(config: Config) -> str | None:
@@ -64,11 +68,12 @@ def last_trained_digest(config: Config) -> str | None:
     The register step tags every version with its data digest and moves the `challenger`
     alias to it before the gate runs, so this is the data the last completed training
     was on, whichever way the gate went (a rejected model leaves the champion's digest
-    as it was). None when no version was registered.
+    as it was). None when no version was registered, or when the gate never recorded a
+    decision on the newest one (it failed before deciding).
     """
     from parti_ops.components.registry import CHALLENGER
 
-    return _alias_digest(config, CHALLENGER)
+    return _alias_digest(config, CHALLENGER, decided=True)
 
 
 def retrain(

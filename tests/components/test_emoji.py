@@ -308,6 +308,19 @@ def test_the_output_folder_is_replaced_only_if_a_conversion_wrote_it(tmp_path):
     shutil.rmtree(out)
 
 
+def test_a_package_holding_too_many_image_bytes_is_refused(tmp_path, monkeypatch):
+    import parti_ops.components.emoji as emoji
+
+    files = _files()
+    pkg = _tgz(tmp_path / "pkg.tgz", files)
+    images = sum(len(body) for name, body in files.items() if name.startswith("img/apple/64/"))
+    monkeypatch.setattr(emoji, "MAX_TOTAL_BYTES", images - 1)
+    with pytest.raises(IngestError, match="bytes of images; this is not an emoji-datasource"):
+        from_emoji_datasource(pkg, tmp_path / "out")
+    monkeypatch.setattr(emoji, "MAX_TOTAL_BYTES", images)
+    assert from_emoji_datasource(pkg, tmp_path / "out")["rows"] == 8
+
+
 def test_cli(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 

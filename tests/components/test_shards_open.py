@@ -61,7 +61,8 @@ def test_pandas_reads_the_data_folder(folders, which):
 @pytest.mark.parametrize("which", ["canonical", "accepted"])
 def test_hugging_face_datasets_gives_splits_and_images(folders, which, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    datasets = pytest.importorskip("datasets")
+    import datasets  # a pinned dev dependency: its absence is a failure, not a skip
+
     loaded = datasets.load_dataset(
         "parquet", data_dir=str(folders[which]), cache_dir=str(tmp_path / "hf")
     )
@@ -101,3 +102,16 @@ def test_writing_again_replaces_the_earlier_shards(tmp_path):
     manifest = ingest(src, tmp_path / "out", DataConfig(shard_size=4))
     listed = {tmp_path / "out" / s["file"] for s in manifest["shards"]}
     assert set((tmp_path / "out" / "data").iterdir()) == listed and len(listed) == 2
+
+
+def test_parquet_files_no_earlier_write_listed_are_refused_not_deleted(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (24, 16), (9, 9, 9)).save(src / "a.png")
+    (src / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "dark"}) + "\n")
+    theirs = tmp_path / "out" / "data" / "train-00000-of-00001.parquet"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_bytes(b"someone's data set")
+    with pytest.raises(ShardFormatError, match="no earlier write .* listed; refusing"):
+        ingest(src, tmp_path / "out", DataConfig())
+    assert theirs.read_bytes() == b"someone's data set"

@@ -59,13 +59,18 @@ def test_retrain_runs_once_per_data_version(tmp_path):
     assert len(client.search_model_versions(f"name='{name}'")) == 2
 
 
-def _registered_on(config: Config, digest: str) -> None:
-    """A model version trained on `digest`, registered and rejected: `challenger` only."""
+def _registered_on(config: Config, digest: str, decision: str | None = "reject") -> None:
+    """A model version trained on `digest`, registered and rejected: `challenger` only.
+
+    `decision` None: the gate failed before it recorded one.
+    """
     client = MlflowClient(config.mlflow_tracking_uri())
     name = config.registry.model_name
     client.create_registered_model(name)
     version = client.create_model_version(name, source=str(Path(config.work_dir) / "model"))
     client.set_model_version_tag(name, version.version, "data_digest", digest)
+    if decision is not None:
+        client.set_model_version_tag(name, version.version, "gate.decision", decision)
     client.set_registered_model_alias(name, CHALLENGER, version.version)
 
 
@@ -91,6 +96,19 @@ def test_force_retrains_data_already_trained_on(tmp_path, monkeypatch):
     forced = CliRunner().invoke(app, [*args, "--force"])
     assert forced.exit_code == 0, forced.output
     assert runs == [data] and "retrained on" in forced.output
+
+
+def test_data_whose_gate_never_decided_is_trained_again(tmp_path, monkeypatch):
+    config = Config.load("tiny", overrides={"work_dir": str(tmp_path / "work")})
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    (data / "train" / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a"}\n')
+    _registered_on(config, dvc_md5(data), decision=None)
+    runs = []
+    monkeypatch.setattr(parti, "run_local", lambda config, source: runs.append(source))
+    report = retrain(config, data)
+    assert report["retrained"] and runs == [data]
+    assert report["last_trained_data_digest"] is None
 
 
 @pytest.mark.parametrize(
