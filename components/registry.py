@@ -43,7 +43,7 @@ EXAMPLE_PROMPT = "a red circle on the left"
 FOLLOWING = "validation/prompt_following"
 BITS = "validation/bits_per_token"
 EXACT = "validation/exact"  # the attribute oracle's; only where rows carry scenes
-FIDELITY, FID, CLIP = "fidelity", "fid", "clip_score"
+FID, CLIP = "fid", "clip_score"
 REQUIRED_METRICS = (BITS,)  # the rest may be absent: their rules say "not applied"
 STATUS_METRICS = (FOLLOWING, BITS, EXACT, FID, CLIP)  # `parti registry status` shows these
 KEY_FIELDS = ("data_digest", "evaluator")
@@ -600,8 +600,6 @@ def evaluation_from_tags(tags: dict[str, str]) -> dict[str, Any]:
         k.removeprefix(METRIC_TAG): float(v) for k, v in tags.items() if k.startswith(METRIC_TAG)
     }
     key = {k: tags.get(f"{KEY_TAG}{k}", "") for k in KEY_FIELDS}
-    metrics.setdefault(FIDELITY, math.nan)
-    metrics.setdefault(BITS, math.nan)
     return {"metrics": metrics, "key": key, "image_tokenizer": tags.get(IMAGE_TOKENIZER_TAG, "")}
 
 
