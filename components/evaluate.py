@@ -223,9 +223,7 @@ def _spread_captioned(
         for row, caption in enumerate(table["caption"].to_pylist())
         if caption
     ]
-    if len(captioned) > limit:
-        picks = np.linspace(0, len(captioned) - 1, limit).round().astype(int)
-        captioned = [captioned[i] for i in picks]
+    captioned = [captioned[i] for i in _spread(len(captioned), limit)]
     wanted: dict[int, set[int]] = {}
     for shard, row in captioned:
         wanted.setdefault(shard, set()).add(row)
@@ -240,6 +238,13 @@ def _spread_captioned(
         scenes += [parse_scene(m) for m in chosen["metadata"].to_pylist()]
     stacked = torch.from_numpy(np.stack(images)) if images else torch.empty(0, 0, 0, 3)
     return stacked.to(torch.uint8), captions, scenes
+
+
+def _spread(count: int, limit: int) -> list[int]:
+    """`limit` indices of `count` rows, evenly spaced (all of them when there are fewer)."""
+    if count <= limit:
+        return list(range(count))
+    return np.linspace(0, count - 1, limit).round().astype(int).tolist()
 
 
 def evaluator_sampling(config: Config) -> SampleConfig:
@@ -334,8 +339,9 @@ def evaluate_bundle(
     scores = _Scores()
 
     token_bits, tokens = 0.0, 0
+    loaded: dict[str, tuple[torch.Tensor, list[str], list[Any]]] = {}
     for split in HELDOUT_SPLITS:
-        images, captions, _ = load_captioned(data_dir, split)
+        images, captions, _ = loaded[split] = load_captioned(data_dir, split)
         if not len(images):
             scores.skip(f"{split}/bits_per_token", f"no captioned rows in split {split!r}")
             continue
@@ -354,7 +360,16 @@ def evaluate_bundle(
     shown: dict[str, tuple[list[str], torch.Tensor, torch.Tensor]] = {}
     exact: list[float] = []
     for split, limit in ((SEEN_SPLIT, ev.seen_prompts), *((s, ev.prompts) for s in HELDOUT_SPLITS)):
-        real, captions, scenes = _spread_captioned(data_dir, split, limit)
+        if split in loaded:  # already in memory for its bits: pick the same rows from it
+            images, captions, scenes = loaded[split]
+            picks = _spread(len(captions), limit)
+            real, captions, scenes = (
+                images[picks],
+                [captions[i] for i in picks],
+                [scenes[i] for i in picks],
+            )
+        else:
+            real, captions, scenes = _spread_captioned(data_dir, split, limit)
         if len(set(captions)) < 2:
             why = "evaluate.seen_prompts is 0" if not limit else "fewer than 2 distinct captions"
             scores.skip(f"{split}/prompt_following", f"{why} in split {split!r}")
