@@ -55,6 +55,7 @@ bench: install
 	$(BIN)/python bench/sampling.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/tracking.py
+	$(BIN)/python bench/pipeline.py --overhead
 	$(BIN)/python bench/pipeline.py
 	$(if $(MODEL),,$(error bench/serving.py needs a trained bundle: run `make run` first or set MODEL=))
 	$(BIN)/python bench/serving.py --model $(MODEL)

@@ -38,8 +38,11 @@ def choose_precision(wanted: str, int8: dict[str, Any] | None) -> str:
     return "int8" if int8["served"] else "fp32"
 
 
-def export_step(config_json: str, parent_run_id: str, repository_dir: str) -> dict[str, Any]:
-    """Export the champion into `repository_dir` and serve it there; returns the report."""
+def export_step(
+    config_json: str, parent_run_id: str, repository_dir: str, *, version: str | None = None
+) -> dict[str, Any]:
+    """Export `version` (None: the champion) into `repository_dir` and serve it there;
+    returns the report."""
     from parti_ops.components.registry import CHAMPION, alias_version, download_bundle
     from parti_ops.components.tracking import step_run
     from parti_ops.deploy.onnx import compare_int8, export_onnx, quantize_int8
@@ -48,7 +51,7 @@ def export_step(config_json: str, parent_run_id: str, repository_dir: str) -> di
     config = Config.from_json(config_json)
     name = config.registry.model_name
     with step_run(config, "export", parent_run_id) as run:
-        version = alias_version(run.client, name, CHAMPION)
+        version = version or alias_version(run.client, name, CHAMPION)
         if version is None:
             raise ExportStepError(f"registered model {name!r} has no champion to export")
         with tempfile.TemporaryDirectory(prefix="export-") as tmp:

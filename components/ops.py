@@ -6,10 +6,38 @@ defines components at import time cannot be imported inside a running component.
 Each body imports what it needs, as kfp requires of lightweight components.
 """
 
+from typing import NamedTuple
+
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 
 from parti_ops.components import COMPONENT_IMAGE
+
+# The config sections each cached step reads (its own module and the model code it calls).
+# A local run's cache counts only these of a step's `config_json` (pipelines/local.py), so
+# a changed field re-runs the steps that read it and those downstream of them. Steps not
+# listed here are never cached or count the whole config.
+CONFIG_SECTIONS: dict[str, tuple[str, ...]] = {
+    "ingest-op": ("data",),
+    "validate-op": ("data",),
+    "text-tokenizer-op": ("data", "text_tokenizer"),
+    "image-tokenizer-op": ("data", "image_tokenizer"),
+    "encode-op": ("data", "text_tokenizer", "image_tokenizer"),
+    "train-op": ("name", "data", "text_tokenizer", "image_tokenizer", "parti", "train", "sample"),
+    "scorer-op": ("data", "text_tokenizer", "scorer"),
+    "fid-reference-op": ("data", "scorer", "evaluate"),
+    "evaluate-op": (
+        "data",
+        "text_tokenizer",
+        "image_tokenizer",
+        "parti",
+        "train",
+        "sample",
+        "scorer",
+        "evaluate",
+    ),  # fmt: skip
+    "export-op": ("sample", "export", "serve", "registry", "tracking"),
+}
 
 
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
@@ -124,7 +152,7 @@ def validate_op(
     import shutil
     from pathlib import Path
 
-    from parti_ops.components.tracking import pipeline_parent_run
+    from parti_ops.components.tracking import keep_metrics, pipeline_parent_run
     from parti_ops.components.validate import DataValidationError, validate_step
 
     parent_run_id = pipeline_parent_run(config_json)
@@ -136,6 +164,7 @@ def validate_op(
     shutil.copyfile(Path(validated.path) / "report.html", report.path)
     for key in ("rows_in", "accepted", "quarantined", "quarantine_fraction"):
         metrics.log_metric(key, result[key])
+    keep_metrics(metrics)
     validated.metadata.update(accepted=result["accepted"], data_digest=result["data_digest"])
 
 
@@ -150,7 +179,7 @@ def text_tokenizer_op(
     from pathlib import Path
 
     from parti_ops.components.tokenizers import TokenizerError, text_tokenizer_step
-    from parti_ops.components.tracking import pipeline_parent_run
+    from parti_ops.components.tracking import keep_metrics, pipeline_parent_run
 
     parent_run_id = pipeline_parent_run(config_json)
 
@@ -161,6 +190,7 @@ def text_tokenizer_op(
         raise SystemExit(f"text tokenizer: {err}") from None
     for key in ("vocab_size", "truncated", "truncated_fraction", "unk_fraction"):
         metrics.log_metric(key, report[key])
+    keep_metrics(metrics)
     text_tokenizer.metadata.update(digest=report["digest"], vocab_size=report["vocab_size"])
 
 
@@ -181,7 +211,7 @@ def image_tokenizer_op(
     from pathlib import Path
 
     from parti_ops.components.tokenizers import GRID, TokenizerError, image_tokenizer_step
-    from parti_ops.components.tracking import pipeline_parent_run
+    from parti_ops.components.tracking import keep_metrics, pipeline_parent_run
     from parti_ops.model.checkpoint import CheckpointError, list_checkpoints
     from parti_ops.model.vqgan_train import CHECKPOINTS
 
@@ -197,6 +227,7 @@ def image_tokenizer_op(
     scores = {k: v for k, v in result.items() if isinstance(v, float)}
     for key, value in scores.items():
         metrics.log_metric(key, value)
+    keep_metrics(metrics)
     image_tokenizer.metadata.update(digest=result["digest"], heldout_split=result["split"])
     png = base64.b64encode((out / GRID).read_bytes()).decode()
     rows = "".join(f"<tr><td>{k}</td><td>{v:.4g}</td></tr>" for k, v in scores.items())
@@ -263,7 +294,7 @@ def train_op(
     from pathlib import Path
 
     from parti_ops.components.encode import EncodedFormatError
-    from parti_ops.components.tracking import pipeline_parent_run
+    from parti_ops.components.tracking import keep_metrics, pipeline_parent_run
     from parti_ops.components.train import TrainError, train_step
     from parti_ops.components.train_job import train_job_step
     from parti_ops.deploy.training_job import TrainJobError
@@ -284,6 +315,7 @@ def train_op(
     for key, value in report.items():
         if isinstance(value, int | float):
             metrics.log_metric(key, value)
+    keep_metrics(metrics)
     model.metadata.update(
         parameters=report["parameters"],
         data_digest=encoded.metadata.get("data_digest", ""),
@@ -304,7 +336,7 @@ def scorer_op(
     from pathlib import Path
 
     from parti_ops.components.scorer import scorer_step
-    from parti_ops.components.tracking import pipeline_parent_run
+    from parti_ops.components.tracking import keep_metrics, pipeline_parent_run
 
     parent_run_id = pipeline_parent_run(config_json)
 
@@ -316,6 +348,7 @@ def scorer_op(
     for key, value in report.items():
         if isinstance(value, float):
             metrics.log_metric(key, value)
+    keep_metrics(metrics)
     scorer.metadata.update(version=report["version"])
     return report["version"]
 
@@ -357,7 +390,7 @@ def evaluate_op(
     from pathlib import Path
 
     from parti_ops.components.evaluate import REPORT, evaluate_step
-    from parti_ops.components.tracking import pipeline_parent_run
+    from parti_ops.components.tracking import keep_metrics, pipeline_parent_run
 
     parent_run_id = pipeline_parent_run(config_json)
 
@@ -376,6 +409,7 @@ def evaluate_op(
         raise SystemExit(f"evaluate: {err}") from None
     for key, value in result["metrics"].items():
         metrics.log_metric(key, value)
+    keep_metrics(metrics)
     evaluation.metadata.update(**result["key"])
     shutil.copyfile(Path(evaluation.path) / REPORT, report.path)
 
@@ -390,15 +424,17 @@ def register_op(
     scorer: Input[Model],
     references: Input[Dataset],
     decision: Output[Markdown],
-) -> bool:
+) -> NamedTuple("RegisterOutputs", [("promoted", bool), ("champion", str)]):
     """Register the bundle in MLflow as `challenger` and run the promotion gate.
 
     A champion evaluated on other data or by another evaluator is re-evaluated here with
-    this run's evaluator first. Returns whether the challenger became champion; a
-    rejection is a decision, not a failure.
+    this run's evaluator first. The same weights (a training step taken from the cache)
+    are not registered twice. Returns whether the challenger became champion and the
+    champion's version after the gate; a rejection is a decision, not a failure.
     """
     import shutil
     import tempfile
+    from collections import namedtuple
     from pathlib import Path
 
     from parti_ops.components.registry import register_step
@@ -432,20 +468,26 @@ def register_op(
         raise SystemExit(f"register: {err}") from None
     shutil.copyfile(work / "decision" / "decision.md", decision.path)
     decision.metadata.update(
-        version=str(report.get("version", "")), promoted=bool(report.get("promoted"))
+        version=str(report.get("version", "")),
+        promoted=bool(report.get("promoted")),
+        outcome=report["outcome"],
+        champion=str(report.get("champion_after") or ""),
     )
-    return bool(report.get("promoted"))
+    outputs = namedtuple("RegisterOutputs", ["promoted", "champion"])
+    return outputs(bool(report.get("promoted")), str(report.get("champion_after") or ""))
 
 
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
 def export_op(
     config_json: str,
-    decision: Input[Markdown],
+    champion: str,
     repository: Output[Model],
 ) -> str:
-    """Export the registry's champion to ONNX (parity-checked) into a Triton repository.
+    """Export the champion version to ONNX (parity-checked) into a Triton repository.
 
-    Runs after the gate (`decision`), whichever way it went; returns the served version.
+    Runs after the gate, whichever way it went, on the version it left as `champion`
+    (empty: whatever the registry's alias names); returns the served version. Its cache
+    key is that version, so an unchanged champion is not exported again.
     """
     from parti_ops.components.export import ExportStepError, export_step
     from parti_ops.components.tracking import pipeline_parent_run
@@ -453,7 +495,7 @@ def export_op(
     parent_run_id = pipeline_parent_run(config_json)
 
     try:
-        report = export_step(config_json, parent_run_id, repository.path)
+        report = export_step(config_json, parent_run_id, repository.path, version=champion or None)
     except (ExportStepError, ValueError) as err:
         raise SystemExit(f"export: {err}") from None
     repository.metadata.update(version=report["registry_version"], precision=report["precision"])
@@ -472,7 +514,7 @@ def smoke_test_op(
     from pathlib import Path
 
     from parti_ops.components.serve import smoke_test_step
-    from parti_ops.components.tracking import pipeline_parent_run
+    from parti_ops.components.tracking import keep_metrics, pipeline_parent_run
 
     parent_run_id = pipeline_parent_run(config_json)
 
@@ -484,3 +526,4 @@ def smoke_test_op(
     for name, ok in report["checks"].items():
         metrics.log_metric(f"oracle_{name}", float(ok))
     metrics.log_metric("latency_s", report["latency_s"])
+    keep_metrics(metrics)

@@ -16,6 +16,7 @@ is re-scored first, or the promotion is refused.
 from __future__ import annotations
 
 import getpass
+import hashlib
 import json
 import logging
 import math
@@ -51,6 +52,8 @@ KEY_FIELDS = ("data_digest", "evaluator")
 METRIC_TAG, KEY_TAG = "metric.", "eval."
 IMAGE_TOKENIZER_TAG = "image_tokenizer.digest"  # a version's, as `bundle_lineage` tags it
 REPLACED_TAG = "champion.replaced"  # on a champion: the version it replaced
+BUNDLE_TAG = "bundle.digest"  # a version's weights and tokenizers (`bundle_digest`)
+UNCHANGED = "unchanged"
 MAX_TAG_CHARS = 5000  # MLflow's limit on a model version tag value
 EVALUATION_ARTIFACT = f"evaluation/{EVALUATION}"  # in the register run: per-prompt values
 PASS, FAIL, NOT_APPLIED = "pass", "fail", "not applied"
@@ -217,7 +220,8 @@ def versus_rule(
 
 @dataclass(frozen=True)
 class Decision:
-    """What the gate decided: `promote`, `reject` (a rule failed) or `refuse` (no comparison)."""
+    """What the gate decided: `promote`, `reject` (a rule failed), `refuse` (no comparison)
+    or `unchanged` (the challenger is the champion's own weights: nothing to decide)."""
 
     outcome: str
     reason: str
@@ -373,13 +377,28 @@ def register_step(
             context="training",
         )
         run.log(metrics=metrics, tags=lineage)
-        version = _log_model(config, run.run_id, Path(model_dir))
         client = run.client
-        _set_tags(client, name, version, {**lineage, **_metric_tags(metrics)})
+        digest = bundle_digest(model_dir)
+        version = registered_bundle(client, name, digest)
+        if version is None:
+            version = _log_model(config, run.run_id, Path(model_dir))
+            _set_tags(client, name, version, {**lineage, **_metric_tags(metrics),
+                                              BUNDLE_TAG: digest})  # fmt: skip
+            log.info("registered %s version %s (alias %s)", name, version, CHALLENGER)
+        else:  # a second run whose training came from the cache: the same weights
+            log.info("%s version %s holds these weights already: not registered again",
+                     name, version)  # fmt: skip
         client.set_registered_model_alias(name, CHALLENGER, version)
-        log.info("registered %s version %s (alias %s)", name, version, CHALLENGER)
 
-        decision, champion = _gate(client, config, version, evaluation, reevaluate)
+        if version == alias_version(client, name, CHAMPION):
+            decision, champion = (
+                Decision(
+                    UNCHANGED, f"unchanged: version {version}, these weights, is the champion"
+                ),
+                None,
+            )
+        else:
+            decision, champion = _gate(client, config, version, evaluation, reevaluate)
         replaced = None
         if decision.promoted:
             replaced = move_champion(client, name, version)
@@ -388,7 +407,8 @@ def register_step(
             "gate.failed_rules": ",".join(decision.failed_rules),
             "gate.reason": decision.reason,
         }
-        _set_tags(client, name, version, gate_tags)
+        if decision.outcome != UNCHANGED:  # keep the tags of the decision that was made
+            _set_tags(client, name, version, gate_tags)
         report = {
             "model_name": name,
             "version": version,
@@ -396,7 +416,11 @@ def register_step(
             **decision.to_dict(),
             "challenger": {"version": version, **evaluation},
             "champion": champion,
-            "champion_after": version if decision.promoted else (champion or {}).get("version"),
+            "champion_after": (
+                version
+                if decision.promoted or decision.outcome == UNCHANGED
+                else (champion or {}).get("version")
+            ),
             "previous_champion": replaced,
             "lineage": lineage,
         }
@@ -430,6 +454,28 @@ def bundle_lineage(model_dir: str | Path, manifest: dict[str, Any]) -> dict[str,
             )
         tags[f"{part}.digest"] = digest
     return tags
+
+
+def bundle_digest(model_dir: str | Path) -> str:
+    """sha256 over the DVC digests of a bundle's model folders (weights, tokenizers)."""
+    from parti_ops.components.versioning import dvc_md5
+    from parti_ops.model.generate import IMAGE_TOKENIZER, PARTI, TEXT_TOKENIZER
+
+    parts = [f"{p}:{dvc_md5(Path(model_dir) / p)}" for p in (PARTI, TEXT_TOKENIZER,
+                                                              IMAGE_TOKENIZER)]  # fmt: skip
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def registered_bundle(client, name: str, digest: str) -> str | None:
+    """The newest version of `name` registered from a bundle with this digest, if any."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    same = [int(v.version) for v in versions if v.tags.get(BUNDLE_TAG) == digest]
+    return str(max(same)) if same else None
 
 
 def _code_version(run) -> str:
@@ -764,6 +810,8 @@ def write_decision(report: dict[str, Any], out: Path) -> None:
             f"version {champion['version']}"
             + (" (re-evaluated on the challenger's data)" if champion.get("reevaluated") else "")
             if champion
+            else "none (the challenger is the champion)"
+            if report["outcome"] == UNCHANGED
             else "none (first model)"
         ),
         "",

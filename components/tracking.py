@@ -5,6 +5,7 @@ explicit `MlflowClient` rather than the fluent API's process-global active run.
 Metrics, params and tags go in one `log_batch` call each.
 """
 
+import json
 import logging
 import os
 import sqlite3
@@ -200,3 +201,15 @@ def step_run(config: Config, step: str, parent_run_id: str = "") -> Iterator[Run
         client.set_terminated(run.run_id, status="FAILED")
         raise
     client.set_terminated(run.run_id, status="FINISHED")
+
+
+def keep_metrics(metrics: Any) -> None:
+    """Write a kfp Metrics artifact's values into its file as JSON.
+
+    kfp keeps logged metrics in the artifact's metadata and leaves its file unwritten;
+    kfp.local's cache counts an output whose file is missing as a miss, so a step with
+    metrics would never be reused.
+    """
+    path = Path(metrics.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(metrics.metadata), sort_keys=True), encoding="utf-8")

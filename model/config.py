@@ -824,19 +824,38 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     raise ConfigError(f"config key {key!r}: expected {names}, got {value!r}")
 
 
+# The synthetic scenes end to end on two CPU cores, at two budgets. The sizes are the
+# defaults'; the settings marked "oracle" were chosen on the synthetic set's oracle and
+# belong to it alone.
+_SYNTHETIC = {
+    "image_tokenizer.edge_weight": 4.0,  # oracle: thin shapes, exact 73 vs 52 %
+    # Oracle: temperature 0.7 (2700 decoder steps, 50 prompts: exact 46 % with guidance
+    # 1.5, 38 % greedy, 20 % at temperature 1 unguided) and top-p 0.6 (200 prompts per
+    # split: 81 / 71 % against 73 / 65.5 %).
+    "sample.temperature": 0.7,
+    "sample.top_p": 0.6,
+}
 PRESETS: dict[str, Config] = {
-    # The synthetic scenes end to end on two CPU cores. The sizes are the defaults'; the
-    # settings below were chosen on the synthetic set's oracle and belong to it alone.
+    # `make run`: data to a served model in ten minutes on 2 cores (bench/pipeline.py), the
+    # steps of each stage sized to its share: about 0.11 s per tokenizer step, 0.3 per
+    # scorer step and 0.33 per decoder step on 2 AVX2 cores, and 4.5 minutes for the rest.
+    # Nearest-code encoding (refined codes cost 56x). Studies: docs/experiments/tiny-budget.md.
     "tiny": Config(name="tiny").merge(
         {
-            "image_tokenizer.refine_candidates": 16,  # refined codes: oracle exact 98.2 vs 96.4 %
-            "image_tokenizer.edge_weight": 4.0,  # thin shapes: oracle exact 73 vs 52 %
+            **_SYNTHETIC,
+            "image_tokenizer.steps": 900,
+            "scorer.steps": 120,
+            "train.steps": 700,
+            "evaluate.seen_prompts": 50,
+        }
+    ),
+    # The tiny model trained for the defaults' steps, with refined codes: over an hour on
+    # 2 cores, a third of it encoding (each code chosen among 16 by decoding its patch).
+    "tiny-full": Config(name="tiny-full").merge(
+        {
+            **_SYNTHETIC,
+            "image_tokenizer.refine_candidates": 16,  # oracle: exact 98.2 vs 96.4 %
             "export.int8": True,  # served when the oracle loses <= 2 points to fp32
-            # Sampling chosen on the oracle: temperature 0.7 (2700 decoder steps, 50
-            # prompts: exact 46 % with guidance 1.5, 38 % greedy, 20 % at temperature 1
-            # unguided) and top-p 0.6 (200 prompts per split: 81 / 71 % against 73 / 65.5 %).
-            "sample.temperature": 0.7,
-            "sample.top_p": 0.6,
         }
     ),
     # A larger synthetic set and images for a single GPU; ViT-VQGAN tokenizer, 16x16 codes.

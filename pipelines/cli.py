@@ -557,18 +557,34 @@ def run(
     preset: Preset = "tiny",
     config: ConfigFile = None,
     overrides: Overrides = None,
+    cache: Annotated[
+        bool,
+        typer.Option(
+            "--cache/--no-cache",
+            help="Take steps whose inputs, config and code are unchanged from an earlier run"
+            " in the same work_dir; --no-cache runs every step.",
+        ),
+    ] = True,
 ) -> None:
     """Run the whole pipeline on this machine (kfp.local) and print where everything went."""
     import json
+    import time
 
+    from parti_ops.pipelines.local import StepFailed
     from parti_ops.pipelines.parti import run_local
 
     cfg = _load(preset, config, overrides)
+    started = time.perf_counter()
     try:
-        result = run_local(cfg, source)
-    except RuntimeError as err:
-        console.print(f"[red]pipeline failed:[/red] {err} (the failing step's log is above)")
+        result = run_local(cfg, source, cache=cache, console=console)
+    except StepFailed as err:
+        console.print(f"[red]pipeline failed:[/red] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+    console.print(
+        f"pipeline finished in {time.perf_counter() - started:.0f} s"
+        + (f" ({len(result.cached)} steps from the cache)" if result.cached else ""),
+        highlight=False,
+    )
     _print_paths(
         "pipeline finished",
         {
@@ -631,13 +647,14 @@ def retrain(
     so and exits 0 in seconds. Suitable for cron or a Kubernetes CronJob (deploy/k8s); the
     promotion gate decides whether a retrained model serves.
     """
+    from parti_ops.pipelines.local import StepFailed
     from parti_ops.pipelines.schedule import retrain as run_retrain
 
     cfg = _load(preset, config, overrides)
     try:
-        report = run_retrain(cfg, source, force=force)
-    except RuntimeError as err:
-        console.print(f"[red]pipeline failed:[/red] {err} (the failing step's log is above)")
+        report = run_retrain(cfg, source, force=force, console=console)
+    except StepFailed as err:
+        console.print(f"[red]pipeline failed:[/red] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     if not report["retrained"]:
         digest = report["data_digest"]

@@ -14,6 +14,7 @@ YAML for Kubeflow Pipelines. One MLflow parent run spans it; the exit handler
 closes that run as FAILED when any step fails.
 """
 
+import contextlib
 import logging
 import os
 import time
@@ -21,10 +22,11 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
+from rich.console import Console
 
 from parti_ops.components.ops import (
     data_digest_op,
@@ -202,11 +204,8 @@ def _steps(
             references=references.outputs["references"],
         )
         register.set_caching_options(False)  # the registry's state is an input kfp cannot see
-        export = export_op(
-            config_json=config_json,
-            decision=register.outputs["decision"],
-        )
-        export.set_caching_options(False)  # exports whatever the champion alias now names
+        # Keyed by the champion's version: an unchanged champion is not exported again.
+        export = export_op(config_json=config_json, champion=register.outputs["champion"])
         smoke = smoke_test_op(
             config_json=config_json,
             repository=export.outputs["repository"],
@@ -257,8 +256,11 @@ class LocalRun:
     decision: Path
     repository: Path
     smoke: Path
-    run_dir: Path
+    run_dir: Path  # this run's folder; steps taken from the cache keep an earlier run's
     tracking_uri: str
+    log: Path  # the steps' own output
+    cached: tuple[str, ...] = ()  # tasks taken from the cache
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per task
 
 
 @contextmanager
@@ -275,57 +277,106 @@ def _step_environment(name: str, value: str) -> Iterator[None]:
             os.environ[name] = previous
 
 
-def run_local(config: Config, source: str | Path | None = None) -> LocalRun:
+def run_local(
+    config: Config,
+    source: str | Path | None = None,
+    *,
+    cache: bool = True,
+    console: Console | None = None,
+) -> LocalRun:
     """Run the pipeline on this machine with kfp.local's SubprocessRunner.
 
     Steps run as subprocesses of the current Python environment; artifacts go under
-    `<work_dir>/kfp/<run>/<task>/<output>`, MLflow runs to the configured store.
+    `<work_dir>/kfp/<run>/<task>/<output>`, MLflow runs to the configured store, and the
+    steps' own output to `<work_dir>/kfp/logs/<run>.log`. With `cache`, a step whose
+    inputs, config sections and code are unchanged since an earlier run in the same
+    `work_dir` is taken from that run (pipelines/local.py). `console` gets one line per
+    step as it starts and ends. A failing step raises `StepFailed`.
     """
     from kfp import local
 
+    from parti_ops.components.progress import LINES_ENV
+    from parti_ops.pipelines.local import RunConsole, StepFailed, install_step_cache, observe_tasks
+
     root = (Path(config.work_dir) / "kfp").resolve()
     root.mkdir(parents=True, exist_ok=True)
+    cache_root = root / ".cache"
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=str(root),
         raise_on_error=True,
+        enable_caching=cache,
+        cache_root=str(cache_root),
     )
+    if cache:
+        install_step_cache(cache_root)
     run_name = f"{PIPELINE_NAME}-{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    before = set(root.iterdir())
-    log.info("running pipeline %s with kfp.local; artifacts under %s", run_name, root)
-    with _step_environment(PIPELINE_RUN_ENV, uuid.uuid4().hex), warnings.catch_warnings():
+    log_path = root / "logs" / f"{run_name}.log"
+    run_console = RunConsole(console, log_path)
+    folders: list[str] = []
+    if console is not None:
+        console.print(f"log: {log_path}", highlight=False, soft_wrap=True)
+    log.debug("running pipeline %s with kfp.local; artifacts under %s", run_name, root)
+    if console is not None:
+        console.print(f"running {run_name}; artifacts under {root}", highlight=False)
+    environment = contextlib.ExitStack()
+    with environment:
+        environment.enter_context(_step_environment(PIPELINE_RUN_ENV, uuid.uuid4().hex))
+        environment.enter_context(_step_environment(LINES_ENV, "1"))
+        environment.enter_context(warnings.catch_warnings())
         # kfp.local warns that the component image is not a "python" image; locally the
         # steps run in this environment, where parti-ops is installed.
         warnings.filterwarnings("ignore", message="You may be attemping to run a task")
         # CPU/memory limits, retries and accelerators are for the cluster; locally each
         # step is a process on this machine.
         warnings.filterwarnings("ignore", message=r"Task '.*': settings \[.*\] have no effect")
-        build_pipeline(config)(
-            config_json=config.to_json(),
-            source=str(Path(source).resolve()) if source else "",
-            data_digest=dvc_md5(source) if source else "",
-            code_version=git_sha(Path(__file__).parent),
-            run_name=run_name,
+        # kfp.local's own messages (cache hits, workspace clean-up) go to the log only.
+        root_logger = logging.getLogger()
+        environment.callback(root_logger.setLevel, root_logger.level)
+        root_logger.setLevel(logging.WARNING)
+        environment.enter_context(run_console.running())
+        environment.enter_context(
+            observe_tasks(run_console, lambda f: folders.append(f) if not folders else None)
         )
-    # Pipeline outputs cannot leave an exit handler's scope, so the artifacts are
-    # found where kfp.local writes them: a new folder per run under the root.
-    (run_dir,) = set(root.iterdir()) - before
-    validated = run_dir / "validate-op" / "validated"
+        try:
+            build_pipeline(config)(
+                config_json=config.to_json(),
+                source=str(Path(source).resolve()) if source else "",
+                data_digest=dvc_md5(source) if source else "",
+                code_version=git_sha(Path(__file__).parent),
+                run_name=run_name,
+            )
+        except RuntimeError as err:
+            if run_console.failed is None:
+                raise
+            raise StepFailed(run_console.failed, log_path, run_console.failed_tail) from err
+    run_dir = root / folders[0]
+
+    # Pipeline outputs cannot leave an exit handler's scope, so the artifacts are found
+    # where kfp.local writes them (a folder per run under the root), or, for a step taken
+    # from the cache, where its earlier run wrote them.
+    def output(task: str, name: str) -> Path:
+        return Path(run_console.artifacts[task][name])
+
+    validated = output("validate-op", "validated")
     return LocalRun(
-        canonical=run_dir / "ingest-op" / "canonical",
+        canonical=output("ingest-op", "canonical"),
         accepted=validated / "accepted",
         quarantine=validated / "quarantine.jsonl",
         data_docs=validated / "data_docs" / "index.html",
         report=validated / "report.html",
-        text_tokenizer=run_dir / "text-tokenizer-op" / "text_tokenizer",
-        image_tokenizer=run_dir / "image-tokenizer-op" / "image_tokenizer",
-        encoded=run_dir / "encode-op" / "encoded",
-        model=run_dir / "train-op" / "model",
-        scorer=run_dir / "scorer-op" / "scorer",
-        evaluation=run_dir / "evaluate-op" / "evaluation",
-        decision=run_dir / "register-op" / "decision",
-        repository=run_dir / "export-op" / "repository",
-        smoke=run_dir / "smoke-test-op" / "smoke",
+        text_tokenizer=output("text-tokenizer-op", "text_tokenizer"),
+        image_tokenizer=output("image-tokenizer-op", "image_tokenizer"),
+        encoded=output("encode-op", "encoded"),
+        model=output("train-op", "model"),
+        scorer=output("scorer-op", "scorer"),
+        evaluation=output("evaluate-op", "evaluation"),
+        decision=output("register-op", "decision"),
+        repository=output("export-op", "repository"),
+        smoke=output("smoke-test-op", "smoke"),
         run_dir=run_dir,
         tracking_uri=config.mlflow_tracking_uri(),
+        log=log_path,
+        cached=tuple(run_console.cached),
+        seconds=dict(run_console.seconds),
     )

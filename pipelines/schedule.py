@@ -18,9 +18,12 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from parti_ops.model.config import Config
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +80,18 @@ def last_trained_digest(config: Config) -> str | None:
 
 
 def retrain(
-    config: Config, source: str | Path | None = None, *, force: bool = False
+    config: Config,
+    source: str | Path | None = None,
+    *,
+    force: bool = False,
+    console: Console | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline unless the data were trained on already; report what happened.
 
     Data whose DVC digest is the champion's, or that of the last registered version
     (trained on and judged by the gate, even if the gate rejected it), are skipped;
-    `force` runs the pipeline anyway.
+    `force` runs the pipeline anyway, every step afresh (no step cache). `console` gets
+    the run's step lines.
     """
     from parti_ops.pipelines.parti import run_local
 
@@ -107,7 +115,7 @@ def retrain(
             "data %s are new (champion's: %s, last trained on: %s): running the pipeline",
             digest, champion, last,
         )  # fmt: skip
-    result = run_local(config, source)
+    result = run_local(config, source, cache=not force, console=console)
     return {**report, "retrained": True, "run": result, "seconds": time.monotonic() - started}
 
 

@@ -10,6 +10,7 @@ from mlflow import MlflowClient
 from parti_ops.components.versioning import dvc_md5
 from parti_ops.deploy.triton import served_version
 from parti_ops.model.config import Config
+from parti_ops.pipelines.local import StepFailed
 from parti_ops.pipelines.parti import COMPILED, compile_pipeline, run_local
 
 
@@ -91,6 +92,34 @@ def test_local_run_writes_artifacts_and_nested_mlflow_runs(tmp_path):
     assert smoke["endpoints"]["http"].startswith("http://127.0.0.1:")
     assert (result.smoke / "smoke.png").stat().st_size > 0
     assert set(smoke["checks"]) >= {"background", "exact"}
+    assert result.cached == ()  # a fresh work_dir: nothing to reuse
+
+    # Again with the same inputs: every cached step is reused, the same weights are not
+    # registered twice, and the champion's export is the earlier run's.
+    again = run_local(config)
+    assert set(again.cached) == CACHED_STEPS
+    assert again.model == result.model and again.repository == result.repository
+    decision = again.decision.read_text()
+    assert "version 1" in decision and "**unchanged**" in decision
+    versions = client.search_model_versions(f"name = '{config.registry.model_name}'")
+    assert [str(v.version) for v in versions] == ["1"]
+    assert json.loads((again.smoke / "smoke.json").read_text())["tokens"] == 256
+
+    # One training field changed: training and what reads its model run again; the
+    # data, tokenizers, encoding and scorer come from the cache.
+    changed = run_local(config.merge({"train.steps": 4}))
+    assert set(changed.cached) >= CACHED_STEPS - {"train-op", "evaluate-op", "export-op"}
+    assert not {"train-op", "evaluate-op"} & set(changed.cached)
+    assert (
+        json.loads((changed.model / "training_report.json").read_text())["history"][-1]["step"] == 4
+    )
+
+
+# Every step kfp may take from its cache.
+CACHED_STEPS = {
+    "ingest-op", "validate-op", "text-tokenizer-op", "image-tokenizer-op", "encode-op",
+    "train-op", "scorer-op", "fid-reference-op", "evaluate-op", "export-op",
+}  # fmt: skip
 
 
 def test_the_training_step_asks_for_gpus_when_configured(tmp_path):
@@ -113,7 +142,7 @@ def test_cached_steps_take_only_inputs_that_stay_the_same_from_run_to_run():
     spec, executors = _compiled(COMPILED)
     tasks = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
     cached = {name for name, task in tasks.items() if task["cachingOptions"].get("enableCache")}
-    assert {"ingest-op", "validate-op", "image-tokenizer-op", "encode-op", "train-op"} <= cached
+    assert cached == CACHED_STEPS
     assert "start-run-op" not in cached and "register-op" not in cached
     # Ingest's data digest is the output of the digest step, which is never cached.
     assert "data-digest-op" not in cached
@@ -127,6 +156,9 @@ def test_cached_steps_take_only_inputs_that_stay_the_same_from_run_to_run():
             # another task's output (the parent run id).
             if (name, key) == ("ingest-op", "data_digest"):
                 assert value == digest
+                continue
+            if (name, key) == ("export-op", "champion"):  # the version the gate left
+                assert value["taskOutputParameter"]["producerTask"] == "register-op"
                 continue
             assert value == {"componentInputParameter": f"pipelinechannel--{key}"}, (name, key)
             assert key in {"config_json", "source"}, (name, key)
@@ -161,8 +193,11 @@ def test_failed_validation_fails_the_run_and_marks_mlflow_failed(tmp_path):
     (source / "metadata.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     config = Config.load("tiny", overrides={"work_dir": str(tmp_path / "work")})
 
-    with pytest.raises(RuntimeError, match="validate-op"):
+    with pytest.raises(StepFailed, match="step validate failed") as failed:
         run_local(config, source)
+    assert failed.value.step == "validate" and failed.value.log_path.is_file()
+    assert 0 < len(failed.value.tail) <= 20
+    assert any("quarantine" in line for line in failed.value.tail), failed.value.tail
 
     runs = _runs(config)
     parent = next(r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags)

@@ -84,8 +84,9 @@ def test_force_retrains_data_already_trained_on(tmp_path, monkeypatch):
     _registered_on(config, dvc_md5(data))
     runs = []
 
-    def run_local(config, source):
+    def run_local(config, source, *, cache=True, console=None):
         runs.append(source)
+        assert not cache  # a forced retrain runs every step afresh
         return parti.LocalRun(**dict.fromkeys(parti.LocalRun.__dataclass_fields__, tmp_path))
 
     monkeypatch.setattr(parti, "run_local", run_local)
@@ -105,7 +106,7 @@ def test_data_whose_gate_never_decided_is_trained_again(tmp_path, monkeypatch):
     (data / "train" / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a"}\n')
     _registered_on(config, dvc_md5(data), decision=None)
     runs = []
-    monkeypatch.setattr(parti, "run_local", lambda config, source: runs.append(source))
+    monkeypatch.setattr(parti, "run_local", lambda config, source, **_: runs.append(source))
     report = retrain(config, data)
     assert report["retrained"] and runs == [data]
     assert report["last_trained_data_digest"] is None
