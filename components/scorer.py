@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 REPORT = "scorer_report.json"
 SCORER_FILES = ["model.safetensors", "config.json"]
 RETRIEVAL_CANDIDATES = 10
+# Held-out pairs the step scores the trained scorer on, per split, spread evenly over it:
+# enough for a figure to a point or two, and a bounded share of a short run's time.
+HELDOUT_PAIRS = 500
 
 
 class ScorerError(ValueError):
@@ -105,6 +108,11 @@ def scorer_step(
         report: dict[str, Any] = {"train_pairs": len(images), "steps": cfg.steps}
         for split in ("validation", "test"):
             held, held_captions, held_scenes = load_captioned(data_dir, split)
+            if len(held) > HELDOUT_PAIRS:
+                keep = np.linspace(0, len(held) - 1, HELDOUT_PAIRS).round().astype(int)
+                held = held[keep]
+                held_captions = [held_captions[i] for i in keep]
+                held_scenes = [held_scenes[i] for i in keep]
             if len(held) >= RETRIEVAL_CANDIDATES:
                 report[f"{split}/retrieval_top1_of_{RETRIEVAL_CANDIDATES}"] = retrieval_accuracy(
                     model, processor, held, held_captions, RETRIEVAL_CANDIDATES, seed=cfg.seed

@@ -843,10 +843,10 @@ PRESETS: dict[str, Config] = {
     "tiny": Config(name="tiny").merge(
         {
             **_SYNTHETIC,
-            "image_tokenizer.steps": 900,
+            "image_tokenizer.steps": 800,
             "scorer.steps": 120,
-            "train.steps": 700,
-            "evaluate.seen_prompts": 50,
+            "train.steps": 680,
+            "evaluate.seen_prompts": 0,
         }
     ),
     # The tiny model trained for the defaults' steps, with refined codes: over an hour on
