@@ -52,7 +52,7 @@ KEY_FIELDS = ("data_digest", "evaluator")
 METRIC_TAG, KEY_TAG = "metric.", "eval."
 IMAGE_TOKENIZER_TAG = "image_tokenizer.digest"  # a version's, as `bundle_lineage` tags it
 REPLACED_TAG = "champion.replaced"  # on a champion: the version it replaced
-BUNDLE_TAG = "bundle.digest"  # a version's weights and tokenizers (`bundle_digest`)
+BUNDLE_TAG = "registration.digest"  # a version's bundle and evaluation (`registration_digest`)
 UNCHANGED = "unchanged"
 MAX_TAG_CHARS = 5000  # MLflow's limit on a model version tag value
 EVALUATION_ARTIFACT = f"evaluation/{EVALUATION}"  # in the register run: per-prompt values
@@ -378,22 +378,23 @@ def register_step(
         )
         run.log(metrics=metrics, tags=lineage)
         client = run.client
-        digest = bundle_digest(model_dir)
+        digest = registration_digest(model_dir, evaluation)
         version = registered_bundle(client, name, digest)
         if version is None:
             version = _log_model(config, run.run_id, Path(model_dir))
             _set_tags(client, name, version, {**lineage, **_metric_tags(metrics),
                                               BUNDLE_TAG: digest})  # fmt: skip
             log.info("registered %s version %s (alias %s)", name, version, CHALLENGER)
-        else:  # a second run whose training came from the cache: the same weights
-            log.info("%s version %s holds these weights already: not registered again",
+        else:  # a second run whose training and evaluation came from the cache
+            log.info("%s version %s holds these weights, so evaluated: not registered again",
                      name, version)  # fmt: skip
         client.set_registered_model_alias(name, CHALLENGER, version)
 
         if version == alias_version(client, name, CHAMPION):
             decision, champion = (
                 Decision(
-                    UNCHANGED, f"unchanged: version {version}, these weights, is the champion"
+                    UNCHANGED,
+                    f"unchanged: version {version} (these weights, so evaluated) is the champion",
                 ),
                 None,
             )
@@ -456,13 +457,15 @@ def bundle_lineage(model_dir: str | Path, manifest: dict[str, Any]) -> dict[str,
     return tags
 
 
-def bundle_digest(model_dir: str | Path) -> str:
-    """sha256 over the DVC digests of a bundle's model folders (weights, tokenizers)."""
+def registration_digest(model_dir: str | Path, evaluation: dict[str, Any]) -> str:
+    """sha256 over a bundle's model folders (weights, tokenizers) and its evaluation: the
+    same bundle evaluated again, on other data or by another evaluator, is a new version."""
     from parti_ops.components.versioning import dvc_md5
     from parti_ops.model.generate import IMAGE_TOKENIZER, PARTI, TEXT_TOKENIZER
 
     parts = [f"{p}:{dvc_md5(Path(model_dir) / p)}" for p in (PARTI, TEXT_TOKENIZER,
                                                               IMAGE_TOKENIZER)]  # fmt: skip
+    parts.append(json.dumps(evaluation, sort_keys=True, default=str))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 

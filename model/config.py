@@ -849,15 +849,6 @@ PRESETS: dict[str, Config] = {
             "evaluate.seen_prompts": 0,
         }
     ),
-    # The tiny model trained for the defaults' steps, with refined codes: over an hour on
-    # 2 cores, a third of it encoding (each code chosen among 16 by decoding its patch).
-    "tiny-full": Config(name="tiny-full").merge(
-        {
-            **_SYNTHETIC,
-            "image_tokenizer.refine_candidates": 16,  # oracle: exact 98.2 vs 96.4 %
-            "export.int8": True,  # served when the oracle loses <= 2 points to fp32
-        }
-    ),
     # A larger synthetic set and images for a single GPU; ViT-VQGAN tokenizer, 16x16 codes.
     "small": Config(
         name="small",
@@ -967,5 +958,15 @@ PRESETS["starter"] = Config(name="starter").merge(
     {
         "image_tokenizer.steps": 2000,
         "scorer.steps": 600,
+    }
+)
+
+# The tiny model trained for the defaults' steps, with refined codes: over an hour on
+# 2 cores, a third of it encoding (each code chosen among 16 by decoding its patch).
+PRESETS["tiny-full"] = Config(name="tiny-full").merge(
+    {
+        **_SYNTHETIC,
+        "image_tokenizer.refine_candidates": 16,  # oracle: exact 98.2 vs 96.4 %
+        "export.int8": True,  # served when the oracle loses <= 2 points to fp32
     }
 )

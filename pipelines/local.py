@@ -22,7 +22,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +184,7 @@ class RunConsole:
         self.artifacts: dict[str, dict[str, str]] = {}  # task → output name → uri
         self.cached: list[str] = []
         self.seconds: dict[str, float] = {}  # task → wall time (a cached task's lookup)
+        self.run_folder = ""  # this run's folder under the pipeline root
 
     # The stream kfp.local writes to (sys.stdout while the pipeline runs).
     def write(self, text: str) -> int:
@@ -279,7 +280,7 @@ def _cached(outputs: dict[str, Any], run_folder: str) -> bool:
 
 
 @contextlib.contextmanager
-def observe_tasks(run_console: RunConsole, on_folder: Callable[[str], None]) -> Iterator[None]:
+def observe_tasks(run_console: RunConsole) -> Iterator[None]:
     """Report each kfp.local task's start and end to `run_console` while the pipeline runs."""
     from kfp.local import status
     from kfp.local.orchestrator import task_executor
@@ -288,7 +289,7 @@ def observe_tasks(run_console: RunConsole, on_folder: Callable[[str], None]) -> 
 
     def execute(**kwargs: Any) -> Any:
         task, folder = kwargs["task_name"], kwargs["pipeline_resource_name"]
-        on_folder(folder)
+        run_console.run_folder = run_console.run_folder or folder
         run_console.started(task)
         started = time.perf_counter()
         outputs, task_status = original(**kwargs)

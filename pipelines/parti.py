@@ -313,14 +313,11 @@ def run_local(
     run_name = f"{PIPELINE_NAME}-{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     log_path = root / "logs" / f"{run_name}.log"
     run_console = RunConsole(console, log_path)
-    folders: list[str] = []
-    if console is not None:
-        console.print(f"log: {log_path}", highlight=False, soft_wrap=True)
     log.debug("running pipeline %s with kfp.local; artifacts under %s", run_name, root)
     if console is not None:
+        console.print(f"log: {log_path}", highlight=False, soft_wrap=True)
         console.print(f"running {run_name}; artifacts under {root}", highlight=False)
-    environment = contextlib.ExitStack()
-    with environment:
+    with contextlib.ExitStack() as environment:
         environment.enter_context(_step_environment(PIPELINE_RUN_ENV, uuid.uuid4().hex))
         environment.enter_context(_step_environment(LINES_ENV, "1"))
         environment.enter_context(warnings.catch_warnings())
@@ -335,9 +332,7 @@ def run_local(
         environment.callback(root_logger.setLevel, root_logger.level)
         root_logger.setLevel(logging.WARNING)
         environment.enter_context(run_console.running())
-        environment.enter_context(
-            observe_tasks(run_console, lambda f: folders.append(f) if not folders else None)
-        )
+        environment.enter_context(observe_tasks(run_console))
         try:
             build_pipeline(config)(
                 config_json=config.to_json(),
@@ -350,7 +345,7 @@ def run_local(
             if run_console.failed is None:
                 raise
             raise StepFailed(run_console.failed, log_path, run_console.failed_tail) from err
-    run_dir = root / folders[0]
+    run_dir = root / run_console.run_folder
 
     # Pipeline outputs cannot leave an exit handler's scope, so the artifacts are found
     # where kfp.local writes them (a folder per run under the root), or, for a step taken

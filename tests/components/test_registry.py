@@ -359,7 +359,11 @@ def test_a_champion_evaluated_elsewhere_is_rescored_or_refused(
     assert rescored["promoted"], rescored["reason"]
     assert rescored["champion"]["reevaluated"] and rescored["champion"]["version"] == "1"
     assert rescored["champion"]["metrics"]["validation/exact"] == 0.25
-    assert aliases(config)[CHAMPION] == "3" and aliases(config)[PREVIOUS] == "1"
+    # The same bundle with the same evaluation as version 2: version 2 is decided on again
+    # (now promoted), not registered a third time.
+    assert aliases(config)[CHAMPION] == "2" and aliases(config)[PREVIOUS] == "1"
+    assert version_tags(config, "2")["gate.decision"] == "promote"
+    assert rescored["version"] == "2"
 
 
 # People's commands, through the console entry point.
@@ -407,3 +411,18 @@ def test_status_promote_and_rollback_commands(config_for, store, bundle, inputs,
         promote(client, "people", "9", reason="x")
     with pytest.raises(RegistryError, match="already the champion"):
         promote(client, "people", "2", reason="x")
+
+
+def test_the_same_bundle_and_evaluation_is_not_registered_twice(
+    config_for, bundle, inputs, tmp_path
+):
+    config = config_for("twice")
+    first = register(config, bundle, inputs, tmp_path, "a", evaluation(0.9, 1.0))
+    again = register(config, bundle, inputs, tmp_path, "b", evaluation(0.9, 1.0))
+    assert (first["outcome"], again["outcome"]) == ("promote", "unchanged")
+    assert again["version"] == "1" and again["champion_after"] == "1"
+    assert version_tags(config, "1")["gate.decision"] == "promote"  # the decision made
+    other = register(config, bundle, inputs, tmp_path, "c", evaluation(0.9, 1.1))
+    assert other["version"] == "2"  # evaluated otherwise: a version of its own
+    client = MlflowClient(config.mlflow_tracking_uri())
+    assert len(client.search_model_versions(f"name = '{config.registry.model_name}'")) == 2
