@@ -578,7 +578,7 @@ def run(
     try:
         result = run_local(cfg, source, cache=cache, console=console)
     except StepFailed as err:
-        console.print(f"[red]pipeline failed:[/red] {err}", highlight=False, soft_wrap=True)
+        _print_failure(err)
         raise typer.Exit(1) from None
     console.print(
         f"pipeline finished in {time.perf_counter() - started:.0f} s"
@@ -654,7 +654,7 @@ def retrain(
     try:
         report = run_retrain(cfg, source, force=force, console=console)
     except StepFailed as err:
-        console.print(f"[red]pipeline failed:[/red] {err}", highlight=False, soft_wrap=True)
+        _print_failure(err)
         raise typer.Exit(1) from None
     if not report["retrained"]:
         digest = report["data_digest"]
@@ -1010,6 +1010,12 @@ def _save_images(images, out: Path) -> list[Path]:
     for image, path in zip(images, paths, strict=True):
         Image.fromarray(image).save(path)
     return paths
+
+
+def _print_failure(err: Exception) -> None:
+    """A failed step's report as it is: its log lines are not rich markup."""
+    console.print("[red]pipeline failed:[/red]", end=" ")
+    console.print(str(err), markup=False, highlight=False, soft_wrap=True)
 
 
 def _print_paths(title: str, paths: dict[str, Any]) -> None:
