@@ -428,9 +428,10 @@ def register_op(
     """Register the bundle in MLflow as `challenger` and run the promotion gate.
 
     A champion evaluated on other data or by another evaluator is re-evaluated here with
-    this run's evaluator first. The same weights (a training step taken from the cache)
-    are not registered twice. Returns whether the challenger became champion and the
-    champion's version after the gate; a rejection is a decision, not a failure.
+    this run's evaluator first. The same bundle with the same evaluation (training and
+    evaluation taken from the cache) is not registered twice. Returns whether the
+    challenger became champion and the champion's version after the gate; a rejection
+    is a decision, not a failure.
     """
     import shutil
     import tempfile
@@ -467,14 +468,14 @@ def register_op(
     except ValueError as err:
         raise SystemExit(f"register: {err}") from None
     shutil.copyfile(work / "decision" / "decision.md", decision.path)
+    promoted, champion = bool(report.get("promoted")), str(report.get("champion_after") or "")
     decision.metadata.update(
         version=str(report.get("version", "")),
-        promoted=bool(report.get("promoted")),
+        promoted=promoted,
         outcome=report["outcome"],
-        champion=str(report.get("champion_after") or ""),
+        champion=champion,
     )
-    outputs = namedtuple("RegisterOutputs", ["promoted", "champion"])
-    return outputs(bool(report.get("promoted")), str(report.get("champion_after") or ""))
+    return namedtuple("RegisterOutputs", ["promoted", "champion"])(promoted, champion)
 
 
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)

@@ -379,7 +379,7 @@ def register_step(
         run.log(metrics=metrics, tags=lineage)
         client = run.client
         digest = registration_digest(model_dir, evaluation)
-        version = registered_bundle(client, name, digest)
+        version = registered_version(client, name, digest)
         if version is None:
             version = _log_model(config, run.run_id, Path(model_dir))
             _set_tags(client, name, version, {**lineage, **_metric_tags(metrics),
@@ -469,8 +469,8 @@ def registration_digest(model_dir: str | Path, evaluation: dict[str, Any]) -> st
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def registered_bundle(client, name: str, digest: str) -> str | None:
-    """The newest version of `name` registered from a bundle with this digest, if any."""
+def registered_version(client, name: str, digest: str) -> str | None:
+    """The newest version of `name` whose `registration_digest` is `digest`, if any."""
     from mlflow.exceptions import MlflowException
 
     try:
