@@ -40,7 +40,7 @@ def direct(config: Config, root: Path) -> None:
     )
     from parti_ops.components.export import export_step
     from parti_ops.components.ingest import ingest_step
-    from parti_ops.components.registry import register_step
+    from parti_ops.components.register import register_step
     from parti_ops.components.scorer import scorer_step
     from parti_ops.components.serve import smoke_test_step
     from parti_ops.components.synth import synth_step
@@ -49,23 +49,22 @@ def direct(config: Config, root: Path) -> None:
     from parti_ops.components.train import train_step
     from parti_ops.components.validate import validate_step
 
-    cfg = config.to_json()
     run_id = str(uuid.uuid4())
     parent = start_pipeline_run(config, run_name="direct", pipeline_run_id=run_id)
-    synth_step(cfg, parent, str(root / "raw"))
-    ingest_step(cfg, parent, str(root / "raw"), str(root / "canonical"))
-    validate_step(cfg, parent, str(root / "canonical"), str(root / "validated"))
+    synth_step(config, parent, str(root / "raw"))
+    ingest_step(config, parent, str(root / "raw"), str(root / "canonical"))
+    validate_step(config, parent, str(root / "canonical"), str(root / "validated"))
     accepted = root / "validated" / "accepted"
-    text_tokenizer_step(cfg, parent, str(accepted), str(root / "text"))
-    image_tokenizer_step(cfg, parent, str(accepted), str(root / "image"))
-    encode_step(cfg, parent, str(accepted), str(root / "text"), str(root / "image"),
+    text_tokenizer_step(config, parent, str(accepted), str(root / "text"))
+    image_tokenizer_step(config, parent, str(accepted), str(root / "image"))
+    encode_step(config, parent, str(accepted), str(root / "text"), str(root / "image"),
                 str(root / "encoded"))  # fmt: skip
-    train_step(cfg, parent, str(root / "encoded"), str(root / "text"), str(root / "image"),
+    train_step(config, parent, str(root / "encoded"), str(root / "text"), str(root / "image"),
                str(root / "model"))  # fmt: skip
-    scorer_step(cfg, parent, str(accepted), str(root / "text"), str(root / "scorer"))
+    scorer_step(config, parent, str(accepted), str(root / "text"), str(root / "scorer"))
     features = FeatureModel.load(root / "scorer")
     fid_references(accepted, features, root / "references", config.evaluate.fid_images)
-    evaluate_step(cfg, parent, str(root / "model"), str(accepted), str(root / "scorer"),
+    evaluate_step(config, parent, str(root / "model"), str(accepted), str(root / "scorer"),
                   str(root / "references"), str(root / "evaluation"))  # fmt: skip
 
     def reevaluate(bundle: Path) -> dict:
@@ -73,10 +72,10 @@ def direct(config: Config, root: Path) -> None:
             config, bundle, accepted, root / "scorer", root / "champion", root / "references"
         )
 
-    register_step(cfg, parent, str(root / "model"), str(root / "evaluation"),
+    register_step(config, parent, str(root / "model"), str(root / "evaluation"),
                   str(root / "encoded"), str(root / "decision"), reevaluate=reevaluate)  # fmt: skip
-    export_step(cfg, parent, str(root / "repository"))
-    smoke_test_step(cfg, parent, str(root / "repository"), str(accepted), str(root / "smoke"))
+    export_step(config, parent, str(root / "repository"))
+    smoke_test_step(config, parent, str(root / "repository"), str(accepted), str(root / "smoke"))
     end_pipeline_run(config, run_id)
 
 

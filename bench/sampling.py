@@ -47,12 +47,7 @@ def main() -> None:
 
         model = TextToImage.load(args.model, device=device).parti
     else:
-        dims = PartiDims(
-            text_vocab=config.text_tokenizer.vocab_size,
-            text_length=config.text_tokenizer.max_length,
-            codebook_size=config.image_tokenizer.codebook_size,
-            grid=config.image_grid,
-        )
+        dims = PartiDims.from_config(config)
         torch.manual_seed(0)
         model = Parti(config=config.parti, dims=dims).to(device).eval()
     g = torch.Generator().manual_seed(0)

@@ -62,12 +62,7 @@ def batch_vs_single(config: Config, values: int) -> dict[str, float]:
 
 def training_steps(config: Config, steps: int, warmup: int, text_tokens: int) -> tuple[float, list]:
     """Seconds per training step after the warm-up, and the metrics `fit()` reported."""
-    dims = PartiDims(
-        text_vocab=config.text_tokenizer.vocab_size,
-        text_length=config.text_tokenizer.max_length,
-        codebook_size=config.image_tokenizer.codebook_size,
-        grid=config.image_grid,
-    )
+    dims = PartiDims.from_config(config)
     train = dataclasses.replace(
         config.train,
         steps=warmup + steps,

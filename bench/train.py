@@ -6,10 +6,7 @@
 Prints one JSON object. Both runs are `fit()` on the same random codes and captions at
 the preset's sizes (speed does not depend on the data), in one process; each figure is
 the throughput of the last `--steps` steps, after `--warmup` steps that hold
-torch.compile's compilation. `compiled_vs_eager` is their ratio; `muon_vs_adamw` that of
-the eager run against one with `train.optimizer=adamw` (Muon's Newton–Schulz iterations
-cost time per step; its gain is in fewer steps); `relu2_vs_gelu` that of the eager run
-against one with `parti.activation=gelu`. On a GPU the preset's
+torch.compile's compilation. `compiled_vs_eager` is their ratio. On a GPU the preset's
 precision applies (bf16 autocast) and MFU is model FLOPs (6 per parameter per token plus
 attention) over the GPU's dense bf16 peak.
 """
@@ -36,11 +33,11 @@ def random_data(dims: PartiDims, rows: int, text_tokens: int) -> CodeData:
     return CodeData(codes=codes, text_ids=ids, text_mask=mask.expand(rows, -1))
 
 
-def measure(config: Config, dims: PartiDims, data: CodeData, steps: int, warmup: int,
-            compile_: bool, optimizer: str | None = None) -> dict[str, float]:  # fmt: skip
+def measure(
+    config: Config, dims: PartiDims, data: CodeData, steps: int, warmup: int, compile_: bool
+) -> dict[str, float]:
     train = dataclasses.replace(
         config.train,
-        optimizer=optimizer or config.train.optimizer,
         steps=warmup + steps,
         log_every=warmup if warmup else steps,
         checkpoint_every=10**9,
@@ -73,12 +70,7 @@ def main() -> None:
     config = Config.from_name(args.preset)
     if args.batch:
         config = config.merge({"train": {"batch_size": args.batch, "nproc": 1, "grad_accum": 1}})
-    dims = PartiDims(
-        text_vocab=config.text_tokenizer.vocab_size,
-        text_length=config.text_tokenizer.max_length,
-        codebook_size=config.image_tokenizer.codebook_size,
-        grid=config.image_grid,
-    )
+    dims = PartiDims.from_config(config)
     data = random_data(dims, rows=4 * config.train.batch_size, text_tokens=args.text_tokens)
     eager = measure(config, dims, data, args.steps, args.warmup, compile_=False)
     result = {
@@ -89,21 +81,8 @@ def main() -> None:
         "batch_size": config.train.batch_size,
         "tokens_per_example": dims.image_length,
         "precision": config.train.precision,
-        "optimizer": config.train.optimizer,
         "eager": eager,
     }
-    if config.train.optimizer != "adamw":
-        adamw = measure(
-            config, dims, data, args.steps, args.warmup, compile_=False, optimizer="adamw"
-        )
-        result["eager_adamw"] = adamw
-        result["muon_vs_adamw"] = round(eager["tokens_per_s"] / adamw["tokens_per_s"], 3)
-    if config.parti.activation != "gelu":
-        gelu = config.merge({"parti": {"activation": "gelu"}})
-        result["eager_gelu"] = measure(gelu, dims, data, args.steps, args.warmup, compile_=False)
-        result["relu2_vs_gelu"] = round(
-            eager["tokens_per_s"] / result["eager_gelu"]["tokens_per_s"], 3
-        )
     if not args.no_compile:
         compiled = measure(config, dims, data, args.steps, args.warmup, compile_=True)
         result["compiled"] = compiled

@@ -15,7 +15,6 @@ one output shard (`shard_size` rows, plus less than a batch), whatever the data 
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -23,19 +22,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from parti_ops.components.loaders import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    EncodedFormatError,
+    decode_png,
+)
 from parti_ops.components.shards import file_sha256, iter_shards, read_manifest, write_json
-from parti_ops.components.tokenizers import IMAGE_FILES, TEXT_FILES, decode_png
 from parti_ops.components.versioning import files_digest
+from parti_ops.model.config import Config
+from parti_ops.model.layout import IMAGE_TOKENIZER_FILES, TEXT_TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
-
-FORMAT = "parti-ops/encoded"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-
-
-class EncodedFormatError(ValueError):
-    """An encoded data set that is missing, damaged or made by other tokenizers."""
 
 
 class _SplitWriter:
@@ -147,53 +146,19 @@ def encode(
         "data_digest": manifest.get("data_digest"),
         "text_tokenizer": {
             "path": str(Path(text_dir).resolve()),
-            "digest": files_digest(text_dir, TEXT_FILES),
+            "digest": files_digest(text_dir, TEXT_TOKENIZER_FILES),
         },
         "image_tokenizer": {
             "path": str(Path(image_dir).resolve()),
-            "digest": files_digest(image_dir, IMAGE_FILES),
+            "digest": files_digest(image_dir, IMAGE_TOKENIZER_FILES),
         },
     }
     write_json(out / MANIFEST, body)
     return body
 
 
-def read_encoded_manifest(encoded_dir: str | Path) -> dict[str, Any]:
-    """An encoded folder's manifest, after checking that it is one `encode` wrote."""
-    folder = Path(encoded_dir)
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise EncodedFormatError(
-            f"{folder}: no readable {MANIFEST} ({err}); run `parti tokenizer encode` first"
-        ) from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise EncodedFormatError(f"{folder}: not a {FORMAT} v{FORMAT_VERSION} folder; re-encode")
-    return manifest
-
-
-def load_encoded(encoded_dir: str | Path, split: str) -> dict[str, np.ndarray]:
-    """All shards of one split, checked against the manifest's sha256s, concatenated."""
-    from safetensors.numpy import load_file
-
-    folder = Path(encoded_dir)
-    manifest = read_encoded_manifest(folder)
-    if split not in manifest["splits"]:
-        raise EncodedFormatError(
-            f"{folder}: no split {split!r}; it has {sorted(manifest['splits'])}"
-        )
-    parts: dict[str, list[np.ndarray]] = {}
-    for shard in manifest["splits"][split]["shards"]:
-        path = folder / shard["file"]
-        if not path.is_file() or file_sha256(path) != shard["sha256"]:
-            raise EncodedFormatError(f"{path}: missing or changed since it was written; re-encode")
-        for key, value in load_file(path).items():
-            parts.setdefault(key, []).append(value)
-    return {k: np.concatenate(v) for k, v in parts.items()}
-
-
 def encode_step(
-    config_json: str,
+    config: Config,
     parent_run_id: str,
     data_dir: str,
     text_dir: str,
@@ -204,9 +169,7 @@ def encode_step(
     import time
 
     from parti_ops.components.tracking import step_run
-    from parti_ops.model.config import Config
 
-    config = Config.from_json(config_json)
     with step_run(config, "encode", parent_run_id) as run:
         started = time.perf_counter()
         manifest = encode(

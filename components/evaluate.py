@@ -28,9 +28,10 @@ listed with the reason in `evaluation.json`'s `not_computed`, never left out sil
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from parti_ops.components.scorer import scorer_version
+from parti_ops.components.loaders import decode_png, iter_split, load_captioned, parse_scene
 from parti_ops.components.shards import (
     HELDOUT_SPLITS,
     SEEN_SPLIT,
@@ -48,9 +49,9 @@ from parti_ops.components.shards import (
     write_json,
 )
 from parti_ops.components.stats import mean_interval, paired_difference, rank_wins, top1
-from parti_ops.components.tokenizers import decode_png, iter_split, load_captioned, parse_scene
-from parti_ops.components.versioning import files_digest
+from parti_ops.components.versioning import files_digest, model_version
 from parti_ops.model.config import Config, SampleConfig
+from parti_ops.model.errors import PartiError
 from parti_ops.model.scenes import compare, read_scene
 from parti_ops.model.scorer import TEXT_TOKENIZER, load_scorer
 
@@ -64,7 +65,7 @@ EVALUATOR_VERSION = 2
 FID_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(PartiError, ValueError):
     """The evaluation cannot run on these inputs; the message says what to do."""
 
 
@@ -83,7 +84,7 @@ class FeatureModel:
         folder = Path(folder)
         if (folder / TEXT_TOKENIZER).is_dir():  # a scorer carries its caption tokenizer
             model, processor = load_scorer(folder)
-            return cls(model, processor, scorer_version(folder), model.config.embed_dim)
+            return cls(model, processor, model_version(folder), model.config.embed_dim)
         try:
             from transformers import CLIPModel, CLIPProcessor
 
@@ -575,7 +576,7 @@ def _wrap(text: str, width: int, lines: int = 4) -> str:
 
 
 def evaluate_step(
-    config_json: str,
+    config: Config,
     parent_run_id: str,
     model_dir: str,
     data_dir: str,
@@ -586,7 +587,6 @@ def evaluate_step(
     """`evaluate_bundle` in a nested MLflow run "evaluate": metrics, key as tags, artifacts."""
     from parti_ops.components.tracking import step_run
 
-    config = Config.from_json(config_json)
     with step_run(config, "evaluate", parent_run_id) as run:
         result = evaluate_bundle(config, model_dir, data_dir, scorer_dir, out_dir, references_dir)
         intervals = {
@@ -661,3 +661,46 @@ def sweep_sampling(
         diff, interval = paired_difference(entry["per_prompt"], results[0]["per_prompt"])
         entry["vs_best"] = {"difference": diff, "interval": list(interval)}
     return results
+
+
+def sampling_grid(axes: Mapping[str, Sequence[float]]) -> list[dict[str, float]]:
+    """Every combination of the values of `axes`, e.g. `{"temperature": [0.7, 1.0]}`.
+
+    A field with no values is left out (it keeps the config's value); no values at all give
+    one setting, the config's own.
+    """
+    given = {name: list(values) for name, values in axes.items() if values}
+    return [dict(zip(given, combo, strict=True)) for combo in itertools.product(*given.values())]
+
+
+def run_sweep(
+    config: Config,
+    bundle_dir: str | Path,
+    data_dir: str | Path,
+    feature_dir: str | Path,
+    axes: Mapping[str, Sequence[float]],
+    out: str | Path,
+) -> list[dict[str, Any]]:
+    """`sweep_sampling` over `sampling_grid(axes)`; the results also go to `out` (JSON)."""
+    results = sweep_sampling(config, bundle_dir, data_dir, feature_dir, sampling_grid(axes))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return results
+
+
+def generate_images(
+    bundle_dir: str | Path,
+    prompts: Sequence[str],
+    settings: SampleConfig,
+    scorer_dir: str | Path | None = None,
+) -> np.ndarray:
+    """uint8 images (N, H, W, 3) for `prompts` from a bundle, sampled in this process.
+
+    With `settings.candidates` > 1, the scorer (or local CLIP) at `scorer_dir` keeps the
+    best candidate of each prompt.
+    """
+    from parti_ops.model.generate import TextToImage
+
+    rerank = FeatureModel.load(scorer_dir).reranker() if scorer_dir else None
+    return TextToImage.load(bundle_dir)(prompts, settings, rerank=rerank).numpy()

@@ -13,12 +13,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from parti_ops.model.config import Config
+from parti_ops.model.config import Config, ExportConfig
+from parti_ops.model.errors import PartiError
 
 log = logging.getLogger(__name__)
 
 
-class ExportStepError(ValueError):
+class ExportStepError(PartiError, ValueError):
     """Nothing to export, or an export that cannot be served; the message says which."""
 
 
@@ -38,17 +39,72 @@ def choose_precision(wanted: str, int8: dict[str, Any] | None) -> str:
     return "int8" if int8["served"] else "fp32"
 
 
+def export_checked(
+    bundle: str | Path, onnx_dir: str | Path, export: ExportConfig
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Export a bundle to ONNX and check it against PyTorch; with `export.int8`, also write
+    the int8 variant and measure it against fp32.
+
+    Returns:
+        (the parity report, the int8 comparison or None).
+    """
+    from parti_ops.deploy.onnx import compare_int8, export_onnx, quantize_int8
+
+    parity = export_onnx(bundle, onnx_dir, export)
+    if not export.int8:
+        return parity, None
+    quantize_int8(onnx_dir)
+    return parity, compare_int8(onnx_dir, export)
+
+
+def serve_version(
+    repository: str | Path,
+    version: int,
+    config: Config,
+    *,
+    onnx_dir: str | Path | None = None,
+    bundle: str | Path | None = None,
+    target: str = "cpu",
+    url: str | None = None,
+) -> None:
+    """Add an export to the Triton repository as `version` and make it the served one.
+
+    Args:
+        onnx_dir: an `export_onnx` folder; or give `bundle`, exported here first.
+        target: "cpu" (Python backend only) or "gpu" (also the ONNX Runtime graphs).
+        url: a running server (explicit model control) that loads the version; when that
+            load fails it keeps serving the old one and the repository's config is put
+            back (ExportStepError says so). None: only the repository changes.
+    """
+    from parti_ops.deploy.onnx import export_onnx
+    from parti_ops.deploy.triton import add_version, set_served_version, update_served_version
+
+    if (onnx_dir is None) == (bundle is None):
+        raise ExportStepError("give exactly one of an ONNX folder and a model bundle")
+    with tempfile.TemporaryDirectory() as tmp:
+        if onnx_dir is None:
+            onnx_dir = Path(tmp) / "onnx"
+            export_onnx(bundle, onnx_dir, config.export)
+        add_version(
+            repository, onnx_dir, version, config.serve, target=target, sample=config.sample
+        )
+    if url is None:
+        set_served_version(repository, config.serve, version)
+        return
+    _, error = update_served_version(url, repository, config.serve, version)
+    if error:
+        raise ExportStepError(error)
+
+
 def export_step(
-    config_json: str, parent_run_id: str, repository_dir: str, *, version: str | None = None
+    config: Config, parent_run_id: str, repository_dir: str, *, version: str | None = None
 ) -> dict[str, Any]:
     """Export `version` (None: the champion) into `repository_dir` and serve it there;
     returns the report."""
     from parti_ops.components.registry import CHAMPION, alias_version, download_bundle
     from parti_ops.components.tracking import step_run
-    from parti_ops.deploy.onnx import compare_int8, export_onnx, quantize_int8
     from parti_ops.deploy.triton import add_version, set_served_version
 
-    config = Config.from_json(config_json)
     name = config.registry.model_name
     with step_run(config, "export", parent_run_id) as run:
         version = version or alias_version(run.client, name, CHAMPION)
@@ -57,11 +113,7 @@ def export_step(
         with tempfile.TemporaryDirectory(prefix="export-") as tmp:
             bundle = download_bundle(run.client, config, version, Path(tmp) / "bundle")
             onnx_dir = Path(tmp) / "onnx"
-            parity = export_onnx(bundle, onnx_dir, config.export)
-            int8 = None
-            if config.export.int8:
-                quantize_int8(onnx_dir)
-                int8 = compare_int8(onnx_dir, config.export)
+            parity, int8 = export_checked(bundle, onnx_dir, config.export)
             precision = choose_precision(config.serve.precision, int8)
             tensorrt = None
             if config.serve.target == "gpu":  # engines and their parity, on this GPU

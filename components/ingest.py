@@ -23,9 +23,7 @@ import io
 import json
 import logging
 import os
-import re
 import tarfile
-import unicodedata
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -39,25 +37,19 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from parti_ops.components.progress import track
-from parti_ops.components.shards import SPLIT_NAME, ShardWriter
+from parti_ops.components.shards import SPLIT_NAME, ShardWriter, control_chars
 from parti_ops.components.versioning import dvc_md5
-from parti_ops.model.config import DataConfig
+from parti_ops.model.config import Config, DataConfig
+from parti_ops.model.errors import PartiError
 
 log = logging.getLogger(__name__)
 
 CAPTION_COLUMNS = ("text", "caption")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
-# Unicode category Cc, the C0 and C1 controls. Whitespace is collapsed to spaces first.
-CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
-# Category Cf (format: bidi overrides and isolates, zero-width space, BOM, soft hyphen,
-# tag characters) is invisible and can reorder or hide text (Trojan Source,
-# CVE-2021-42574), so it is flagged too, except the zero-width non-joiner and joiner:
-# Persian and Indic orthography need them inside words, as emoji sequences need ZWJ.
-ALLOWED_FORMAT_CHARS = frozenset("\u200c\u200d")
 
 
-class IngestError(ValueError):
+class IngestError(PartiError, ValueError):
     """The source as a whole cannot be read; the message names the file and what to do."""
 
 
@@ -420,26 +412,6 @@ def canonical_row(
     }
 
 
-def control_chars(text: str) -> list[str]:
-    """The distinct control and format characters in `text` that a caption may not hold."""
-    if text.isascii():
-        found = CONTROL_CHARS.findall(text)
-    else:
-        found = [
-            c
-            for c in text
-            if unicodedata.category(c) in ("Cc", "Cf") and c not in ALLOWED_FORMAT_CHARS
-        ]
-    return list(dict.fromkeys(found))
-
-
-def describe_chars(chars: list[str], limit: int = 5) -> str:
-    """'U+202E RIGHT-TO-LEFT OVERRIDE, U+0007 (control)', at most `limit` of them."""
-    named = [f"U+{ord(c):04X} {unicodedata.name(c, '(control)')}" for c in chars[:limit]]
-    more = f" and {len(chars) - limit} more" if len(chars) > limit else ""
-    return ", ".join(named) + more
-
-
 def decode_image(raw: bytes, data: DataConfig) -> tuple[bytes | None, dict[str, Any]]:
     """Decode source bytes into a canonical PNG (RGB, image_size²) and the image's facts."""
     facts: dict[str, Any] = {"decodable": False}
@@ -550,12 +522,10 @@ def hash_split(key: str, data: DataConfig) -> str:
     return "test" if bucket < data.validation_fraction + data.test_fraction else "train"
 
 
-def ingest_step(config_json: str, parent_run_id: str, source: str, out_dir: str) -> dict[str, Any]:
+def ingest_step(config: Config, parent_run_id: str, source: str, out_dir: str) -> dict[str, Any]:
     """`ingest` inside a nested MLflow run that records the source's DVC digest."""
     from parti_ops.components.tracking import step_run
-    from parti_ops.model.config import Config
 
-    config = Config.from_json(config_json)
     with step_run(config, "ingest", parent_run_id) as run:
         manifest = ingest(source, out_dir, config.data)
         splits, digest = manifest["splits"], manifest["data_digest"]

@@ -115,17 +115,19 @@ def ingest_op(
     from parti_ops.components.ingest import IngestError, ingest_step
     from parti_ops.components.synth import synth_step
     from parti_ops.components.tracking import pipeline_parent_run
+    from parti_ops.model.config import Config
 
-    parent_run_id = pipeline_parent_run(config_json)
+    config = Config.from_json(config_json)
+    parent_run_id = pipeline_parent_run(config)
 
     if not source:
-        synth_step(config_json, parent_run_id, raw.path)
+        synth_step(config, parent_run_id, raw.path)
         source = raw.path
     else:  # an output never written makes kfp.local's cache treat the step as a miss
         Path(raw.path).mkdir(parents=True, exist_ok=True)
     raw.metadata["source"] = source
     try:
-        manifest = ingest_step(config_json, parent_run_id, source, canonical.path)
+        manifest = ingest_step(config, parent_run_id, source, canonical.path)
     except IngestError as err:
         raise SystemExit(f"ingest failed: {err}") from None  # one clear line, no traceback
     if data_digest and data_digest != manifest["data_digest"]:
@@ -154,11 +156,13 @@ def validate_op(
 
     from parti_ops.components.tracking import keep_metrics, pipeline_parent_run
     from parti_ops.components.validate import DataValidationError, validate_step
+    from parti_ops.model.config import Config
 
-    parent_run_id = pipeline_parent_run(config_json)
+    config = Config.from_json(config_json)
+    parent_run_id = pipeline_parent_run(config)
 
     try:
-        result = validate_step(config_json, parent_run_id, canonical.path, validated.path)
+        result = validate_step(config, parent_run_id, canonical.path, validated.path)
     except DataValidationError as err:
         raise SystemExit(str(err)) from None  # one clear line, no traceback
     shutil.copyfile(Path(validated.path) / "report.html", report.path)
@@ -180,12 +184,14 @@ def text_tokenizer_op(
 
     from parti_ops.components.tokenizers import TokenizerError, text_tokenizer_step
     from parti_ops.components.tracking import keep_metrics, pipeline_parent_run
+    from parti_ops.model.config import Config
 
-    parent_run_id = pipeline_parent_run(config_json)
+    config = Config.from_json(config_json)
+    parent_run_id = pipeline_parent_run(config)
 
     accepted = str(Path(validated.path) / "accepted")
     try:
-        report = text_tokenizer_step(config_json, parent_run_id, accepted, text_tokenizer.path)
+        report = text_tokenizer_step(config, parent_run_id, accepted, text_tokenizer.path)
     except TokenizerError as err:
         raise SystemExit(f"text tokenizer: {err}") from None
     for key in ("vocab_size", "truncated", "truncated_fraction", "unk_fraction"):
@@ -213,15 +219,17 @@ def image_tokenizer_op(
     from parti_ops.components.tokenizers import GRID, TokenizerError, image_tokenizer_step
     from parti_ops.components.tracking import keep_metrics, pipeline_parent_run
     from parti_ops.model.checkpoint import CheckpointError, list_checkpoints
+    from parti_ops.model.config import Config
     from parti_ops.model.vqgan_train import CHECKPOINTS
 
-    parent_run_id = pipeline_parent_run(config_json)
+    config = Config.from_json(config_json)
+    parent_run_id = pipeline_parent_run(config)
 
     out = Path(image_tokenizer.path)
     resume = bool(list_checkpoints(out / CHECKPOINTS))
     accepted = str(Path(validated.path) / "accepted")
     try:
-        result = image_tokenizer_step(config_json, parent_run_id, accepted, str(out), resume=resume)
+        result = image_tokenizer_step(config, parent_run_id, accepted, str(out), resume=resume)
     except (CheckpointError, TokenizerError) as err:
         raise SystemExit(f"image tokenizer: {err}") from None
     scores = {k: v for k, v in result.items() if isinstance(v, float)}
@@ -250,15 +258,18 @@ def encode_op(
     """Turn every accepted image into its code grid and every caption into token ids."""
     from pathlib import Path
 
-    from parti_ops.components.encode import EncodedFormatError, encode_step
+    from parti_ops.components.encode import encode_step
+    from parti_ops.components.loaders import EncodedFormatError
     from parti_ops.components.tracking import pipeline_parent_run
+    from parti_ops.model.config import Config
 
-    parent_run_id = pipeline_parent_run(config_json)
+    config = Config.from_json(config_json)
+    parent_run_id = pipeline_parent_run(config)
 
     accepted = str(Path(validated.path) / "accepted")
     try:
         manifest = encode_step(
-            config_json,
+            config,
             parent_run_id,
             accepted,
             text_tokenizer.path,
@@ -293,7 +304,7 @@ def train_op(
     """
     from pathlib import Path
 
-    from parti_ops.components.encode import EncodedFormatError
+    from parti_ops.components.loaders import EncodedFormatError
     from parti_ops.components.tracking import keep_metrics, pipeline_parent_run
     from parti_ops.components.train import TrainError, train_step
     from parti_ops.components.train_job import train_job_step
@@ -302,14 +313,15 @@ def train_op(
     from parti_ops.model.config import Config
     from parti_ops.model.train import CHECKPOINTS
 
-    parent_run_id = pipeline_parent_run(config_json)
+    config = Config.from_json(config_json)
+    parent_run_id = pipeline_parent_run(config)
     inputs = (encoded.path, text_tokenizer.path, image_tokenizer.path, model.path)
     try:
-        if Config.from_json(config_json).train.nodes > 1:
-            report = train_job_step(config_json, parent_run_id, *inputs)
+        if config.train.nodes > 1:
+            report = train_job_step(config, parent_run_id, *inputs)
         else:
             resume = bool(list_checkpoints(Path(model.path) / CHECKPOINTS))
-            report = train_step(config_json, parent_run_id, *inputs, resume=resume)
+            report = train_step(config, parent_run_id, *inputs, resume=resume)
     except (CheckpointError, EncodedFormatError, TrainError, TrainJobError) as err:
         raise SystemExit(f"train: {err}") from None
     for key, value in report.items():
@@ -337,12 +349,14 @@ def scorer_op(
 
     from parti_ops.components.scorer import scorer_step
     from parti_ops.components.tracking import keep_metrics, pipeline_parent_run
+    from parti_ops.model.config import Config
 
-    parent_run_id = pipeline_parent_run(config_json)
+    config = Config.from_json(config_json)
+    parent_run_id = pipeline_parent_run(config)
 
     accepted = str(Path(validated.path) / "accepted")
     try:
-        report = scorer_step(config_json, parent_run_id, accepted, text_tokenizer.path, scorer.path)
+        report = scorer_step(config, parent_run_id, accepted, text_tokenizer.path, scorer.path)
     except ValueError as err:
         raise SystemExit(f"scorer: {err}") from None
     for key, value in report.items():
@@ -391,13 +405,15 @@ def evaluate_op(
 
     from parti_ops.components.evaluate import REPORT, evaluate_step
     from parti_ops.components.tracking import keep_metrics, pipeline_parent_run
+    from parti_ops.model.config import Config
 
-    parent_run_id = pipeline_parent_run(config_json)
+    config = Config.from_json(config_json)
+    parent_run_id = pipeline_parent_run(config)
 
     accepted = str(Path(validated.path) / "accepted")
     try:
         result = evaluate_step(
-            config_json,
+            config,
             parent_run_id,
             model.path,
             accepted,
@@ -438,13 +454,12 @@ def register_op(
     from collections import namedtuple
     from pathlib import Path
 
-    from parti_ops.components.registry import register_step
+    from parti_ops.components.register import register_step
     from parti_ops.components.tracking import pipeline_parent_run
     from parti_ops.model.config import Config
 
-    parent_run_id = pipeline_parent_run(config_json)
-
     config = Config.from_json(config_json)
+    parent_run_id = pipeline_parent_run(config)
     accepted = Path(validated.path) / "accepted"
     work = Path(tempfile.mkdtemp(prefix="register-"))
 
@@ -457,7 +472,7 @@ def register_op(
 
     try:
         report = register_step(
-            config_json,
+            config,
             parent_run_id,
             model.path,
             evaluation.path,
@@ -492,11 +507,13 @@ def export_op(
     """
     from parti_ops.components.export import ExportStepError, export_step
     from parti_ops.components.tracking import pipeline_parent_run
+    from parti_ops.model.config import Config
 
-    parent_run_id = pipeline_parent_run(config_json)
+    config = Config.from_json(config_json)
+    parent_run_id = pipeline_parent_run(config)
 
     try:
-        report = export_step(config_json, parent_run_id, repository.path, version=champion or None)
+        report = export_step(config, parent_run_id, repository.path, version=champion or None)
     except (ExportStepError, ValueError) as err:
         raise SystemExit(f"export: {err}") from None
     repository.metadata.update(version=report["registry_version"], precision=report["precision"])
@@ -516,12 +533,14 @@ def smoke_test_op(
 
     from parti_ops.components.serve import smoke_test_step
     from parti_ops.components.tracking import keep_metrics, pipeline_parent_run
+    from parti_ops.model.config import Config
 
-    parent_run_id = pipeline_parent_run(config_json)
+    config = Config.from_json(config_json)
+    parent_run_id = pipeline_parent_run(config)
 
     accepted = str(Path(validated.path) / "accepted")
     try:
-        report = smoke_test_step(config_json, parent_run_id, repository.path, accepted, smoke.path)
+        report = smoke_test_step(config, parent_run_id, repository.path, accepted, smoke.path)
     except ValueError as err:
         raise SystemExit(f"smoke-test: {err}") from None
     for name, ok in report["checks"].items():

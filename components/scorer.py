@@ -15,28 +15,24 @@ from typing import Any
 
 import numpy as np
 
+from parti_ops.components.loaders import load_captioned
 from parti_ops.components.shards import write_json
-from parti_ops.components.tokenizers import load_captioned
-from parti_ops.components.versioning import files_digest
+from parti_ops.components.versioning import model_version
+from parti_ops.model.config import Config
+from parti_ops.model.errors import PartiError
 from parti_ops.model.scenes import NEAR_MISSES, Scene, describe, near_misses
 
 log = logging.getLogger(__name__)
 
 REPORT = "scorer_report.json"
-SCORER_FILES = ["model.safetensors", "config.json"]
 RETRIEVAL_CANDIDATES = 10
 # Held-out pairs the step scores the trained scorer on, per split, spread evenly over it:
 # enough for a figure to a point or two, and a bounded share of a short run's time.
 HELDOUT_PAIRS = 500
 
 
-class ScorerError(ValueError):
+class ScorerError(PartiError, ValueError):
     """The scorer cannot be trained on this data; the message says what to do."""
-
-
-def scorer_version(folder: str | Path) -> str:
-    """The scorer's identity: a digest of its weights and config."""
-    return files_digest(folder, SCORER_FILES)
 
 
 def near_miss_captions(scenes: list[Scene | None], seed: int) -> list[list[str]]:
@@ -69,12 +65,11 @@ def near_miss_pairs(scenes: list[Scene | None], seed: int) -> list[list[tuple[st
 
 
 def scorer_step(
-    config_json: str, parent_run_id: str, data_dir: str, text_tokenizer_dir: str, out_dir: str
+    config: Config, parent_run_id: str, data_dir: str, text_tokenizer_dir: str, out_dir: str
 ) -> dict[str, Any]:
     """Train the scorer on the `train` pairs, report held-out retrieval; returns the report."""
     from parti_ops.components.progress import progress_bar
     from parti_ops.components.tracking import step_run
-    from parti_ops.model.config import Config
     from parti_ops.model.scorer import (
         load_scorer,
         near_miss_accuracy,
@@ -82,7 +77,6 @@ def scorer_step(
         train_scorer,
     )
 
-    config = Config.from_json(config_json)
     cfg = config.scorer
     out = Path(out_dir)
     with step_run(config, "scorer", parent_run_id) as run:
@@ -123,7 +117,7 @@ def scorer_step(
                 shares = near_miss_accuracy(model, processor, held, pairs)
                 for kind, share in zip(NEAR_MISSES, shares, strict=False):
                     report[f"{split}/beats_near_miss_{kind}"] = share
-        report["version"] = scorer_version(out)
+        report["version"] = model_version(out)
         write_json(out / REPORT, report)
         run.log(
             metrics={k: v for k, v in report.items() if isinstance(v, float)},

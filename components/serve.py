@@ -19,20 +19,21 @@ from typing import Any
 import numpy as np
 
 from parti_ops.model.config import Config
+from parti_ops.model.errors import PartiError
 
 log = logging.getLogger(__name__)
 
 SMOKE_PNG, SMOKE_JSON, REAL_PNG = "smoke.png", "smoke.json", "real.png"
 
 
-class SmokeTestError(ValueError):
+class SmokeTestError(PartiError, ValueError):
     """The smoke test has nothing to prompt with, or the endpoints disagree."""
 
 
 def smoke_prompt(data_dir: str | Path) -> tuple[str, np.ndarray, Any]:
     """The first captioned `validation` row: its caption, image and scene (or None)."""
+    from parti_ops.components.loaders import decode_png, iter_split, parse_scene
     from parti_ops.components.shards import TUNING_SPLIT
-    from parti_ops.components.tokenizers import decode_png, iter_split, parse_scene
 
     for table in iter_split(data_dir, TUNING_SPLIT, ["caption", "image", "metadata"]):
         for caption, image, metadata in zip(
@@ -49,7 +50,7 @@ def smoke_prompt(data_dir: str | Path) -> tuple[str, np.ndarray, Any]:
 
 
 def smoke_test_step(
-    config_json: str, parent_run_id: str, repository_dir: str, data_dir: str, out_dir: str
+    config: Config, parent_run_id: str, repository_dir: str, data_dir: str, out_dir: str
 ) -> dict[str, Any]:
     """Serve `repository_dir`, generate one image of a held-out caption of `data_dir`,
     write smoke.png (the generated image), real.png (the row's own) and smoke.json."""
@@ -60,7 +61,6 @@ def smoke_test_step(
     from parti_ops.deploy.server import TritonServer
     from parti_ops.model.scenes import compare, read_scene
 
-    config = Config.from_json(config_json)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prompt, real, scene = smoke_prompt(data_dir)
@@ -103,3 +103,8 @@ def smoke_test_step(
         run.log_artifact(out / REAL_PNG, "smoke")
     log.info("smoke test through %s: %r %s", urls["http"], prompt, report["checks"] or "")
     return report
+
+
+def read_smoke_report(out_dir: str | Path) -> dict[str, Any]:
+    """The report `smoke_test_step` wrote into `out_dir` (its return value)."""
+    return json.loads((Path(out_dir) / SMOKE_JSON).read_text(encoding="utf-8"))

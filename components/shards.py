@@ -28,6 +28,7 @@ import hashlib
 import json
 import re
 import shutil
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,6 +37,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from parti_ops.model.errors import PartiError
 
 MANIFEST = "manifest.json"
 DATA_DIR = "data"
@@ -48,7 +51,37 @@ SEEN_SPLIT = "train"
 SPLIT_NAME = re.compile(r"\w+(\.\w+)*")
 
 
-class ShardFormatError(ValueError):
+# Caption characters (ingest flags them, validation quarantines the rows that hold them).
+# Unicode category Cc, the C0 and C1 controls. Whitespace is collapsed to spaces first.
+CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
+# Category Cf (format: bidi overrides and isolates, zero-width space, BOM, soft hyphen,
+# tag characters) is invisible and can reorder or hide text (Trojan Source,
+# CVE-2021-42574), so it is flagged too, except the zero-width non-joiner and joiner:
+# Persian and Indic orthography need them inside words, as emoji sequences need ZWJ.
+ALLOWED_FORMAT_CHARS = frozenset("\u200c\u200d")
+
+
+def control_chars(text: str) -> list[str]:
+    """The distinct control and format characters in `text` that a caption may not hold."""
+    if text.isascii():
+        found = CONTROL_CHARS.findall(text)
+    else:
+        found = [
+            c
+            for c in text
+            if unicodedata.category(c) in ("Cc", "Cf") and c not in ALLOWED_FORMAT_CHARS
+        ]
+    return list(dict.fromkeys(found))
+
+
+def describe_chars(chars: list[str], limit: int = 5) -> str:
+    """'U+202E RIGHT-TO-LEFT OVERRIDE, U+0007 (control)', at most `limit` of them."""
+    named = [f"U+{ord(c):04X} {unicodedata.name(c, '(control)')}" for c in chars[:limit]]
+    more = f" and {len(chars) - limit} more" if len(chars) > limit else ""
+    return ", ".join(named) + more
+
+
+class ShardFormatError(PartiError, ValueError):
     """A data set folder that is not (or no longer) in the canonical shard format."""
 
 

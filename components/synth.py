@@ -17,7 +17,7 @@ import numpy as np
 
 from parti_ops.components.progress import track
 from parti_ops.components.shards import empty_own_folder
-from parti_ops.model.config import ConfigError, DataConfig
+from parti_ops.model.config import Config, ConfigError, DataConfig
 from parti_ops.model.scenes import describe, render, sample_scene
 
 logger = logging.getLogger(__name__)
@@ -96,12 +96,10 @@ def _is_own_split(entry: Path) -> bool:
     )
 
 
-def synth_step(config_json: str, parent_run_id: str, out_dir: str) -> dict[str, Any]:
+def synth_step(config: Config, parent_run_id: str, out_dir: str) -> dict[str, Any]:
     """`synthesize` inside a nested MLflow run."""
     from parti_ops.components.tracking import step_run
-    from parti_ops.model.config import Config
 
-    config = Config.from_json(config_json)
     with step_run(config, "synth", parent_run_id) as run:
         summary = synthesize(out_dir, config.data)
         run.log(

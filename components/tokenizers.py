@@ -9,111 +9,34 @@ training). Each runs inside a nested MLflow run and writes its folder, which is 
 
 from __future__ import annotations
 
-import io
-import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import pyarrow as pa
-from PIL import Image
-
-from parti_ops.components.shards import iter_shards, read_manifest, write_json
+from parti_ops.components.loaders import heldout_split, iter_split, load_images
+from parti_ops.components.shards import write_json
 from parti_ops.components.versioning import files_digest
-from parti_ops.model.scenes import Scene
+from parti_ops.model.config import Config
+from parti_ops.model.errors import PartiError
+from parti_ops.model.layout import IMAGE_TOKENIZER_FILES, TEXT_TOKENIZER_FILES
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 log = logging.getLogger(__name__)
 
 
-class TokenizerError(ValueError):
+class TokenizerError(PartiError, ValueError):
     """Data or settings a tokenizer cannot be trained on; the message says what to change."""
 
 
-TEXT_FILES = ["tokenizer.json", "tokenizer_config.json"]
-IMAGE_FILES = ["model.safetensors", "config.json"]
 TEXT_REPORT = "training_report.json"
 IMAGE_REPORT = "heldout_metrics.json"
 GRID = "reconstructions.png"
 
 
-def iter_split(data_dir: str | Path, split: str, columns: list[str]) -> Iterator[pa.Table]:
-    """Each accepted shard of `split`, with `columns`, in shard order."""
-    yield from iter_shards(data_dir, columns, split=split)
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    """A canonical row's image bytes → uint8 (H, W, 3)."""
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
-
-
-def load_images(data_dir: str | Path, split: str) -> tuple[torch.Tensor, list[Scene | None]]:
-    """All images of a split as uint8 (N, H, W, 3), with each row's scene where it has one.
-
-    Synthetic rows carry their scene (background, objects) in `metadata`; rows from
-    other sources have None, and the oracle skips them.
-    """
-    images, scenes = [], []
-    for table in iter_split(data_dir, split, ["image", "metadata"]):
-        images += [decode_png(b) for b in table["image"].to_pylist()]
-        scenes += [parse_scene(m) for m in table["metadata"].to_pylist()]
-    return _as_tensor(images), scenes
-
-
-def load_pairs(data_dir: str | Path, split: str) -> tuple[torch.Tensor, list[str]]:
-    """The (image, caption) pairs of a split: uint8 (N, H, W, 3) and N captions."""
-    images, captions, _ = load_captioned(data_dir, split)
-    return images, captions
-
-
-def load_captioned(
-    data_dir: str | Path, split: str
-) -> tuple[torch.Tensor, list[str], list[Scene | None]]:
-    """`load_pairs` with each pair's scene where its row has one (see `load_images`)."""
-    images, captions, scenes = [], [], []
-    for table in iter_split(data_dir, split, ["image", "caption", "metadata"]):
-        for image, caption, metadata in zip(
-            table["image"].to_pylist(),
-            table["caption"].to_pylist(),
-            table["metadata"].to_pylist(),
-            strict=True,
-        ):
-            if caption:
-                images.append(decode_png(image))
-                captions.append(caption)
-                scenes.append(parse_scene(metadata))
-    return _as_tensor(images), captions, scenes
-
-
-def _as_tensor(images: list[np.ndarray]) -> torch.Tensor:
-    """uint8 (N, H, W, 3). torch is imported here, so the caption step never loads it."""
-    import torch
-
-    if not images:
-        return torch.empty(0, 0, 0, 3, dtype=torch.uint8)
-    return torch.from_numpy(np.stack(images))
-
-
-def parse_scene(metadata: str | None) -> Scene | None:
-    try:
-        return Scene.from_dict(json.loads(metadata or "{}"))
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def heldout_split(data_dir: str | Path) -> str:
-    """The split to score tokenizers on: `test` if the data has one, else `validation`."""
-    splits = read_manifest(data_dir).get("splits") or {}
-    return "test" if splits.get("test") else "validation"
-
-
 def text_tokenizer_step(
-    config_json: str, parent_run_id: str, data_dir: str, out_dir: str
+    config: Config, parent_run_id: str, data_dir: str, out_dir: str
 ) -> dict[str, Any]:
     """Train the caption tokenizer on the `train` captions; save it and a report.
 
@@ -121,10 +44,8 @@ def text_tokenizer_step(
     when encoded) and the share of `<unk>` tokens.
     """
     from parti_ops.components.tracking import step_run
-    from parti_ops.model.config import Config
     from parti_ops.model.text_tokenizer import UNK, encode_captions, train_text_tokenizer
 
-    config = Config.from_json(config_json)
     cfg = config.text_tokenizer
     out = Path(out_dir)
     with step_run(config, "text-tokenizer", parent_run_id) as run:
@@ -147,7 +68,7 @@ def text_tokenizer_step(
             "truncated_fraction": truncated / len(captions),
             "mean_tokens": float(lengths.mean()),
             "unk_fraction": float((ids == unk).sum() / lengths.sum()),
-            "digest": files_digest(out, TEXT_FILES),
+            "digest": files_digest(out, TEXT_TOKENIZER_FILES),
         }
         write_json(out / TEXT_REPORT, report)
         run.log(
@@ -168,7 +89,7 @@ def text_tokenizer_step(
 
 
 def image_tokenizer_step(
-    config_json: str, parent_run_id: str, data_dir: str, out_dir: str, *, resume: bool = False
+    config: Config, parent_run_id: str, data_dir: str, out_dir: str, *, resume: bool = False
 ) -> dict[str, Any]:
     """Train the VQGAN on the `train` images, then score it on the held-out split.
 
@@ -177,10 +98,8 @@ def image_tokenizer_step(
     """
     from parti_ops.components.progress import progress_bar
     from parti_ops.components.tracking import step_run
-    from parti_ops.model.config import Config
     from parti_ops.model.vqgan_train import evaluate_vqgan, reconstruction_grid, train_vqgan
 
-    config = Config.from_json(config_json)
     cfg = config.image_tokenizer
     out = Path(out_dir)
     with step_run(config, "image-tokenizer", parent_run_id) as run:
@@ -208,7 +127,7 @@ def image_tokenizer_step(
                 progress=update,
             )
         metrics, recon = evaluate_vqgan(model, heldout, scenes, cfg.eval_batch_size)
-        metrics = {"split": split, **metrics, "digest": files_digest(out, IMAGE_FILES)}
+        metrics = {"split": split, **metrics, "digest": files_digest(out, IMAGE_TOKENIZER_FILES)}
         write_json(out / IMAGE_REPORT, metrics)
         reconstruction_grid(heldout, recon).save(out / GRID)
         run.log(

@@ -152,7 +152,7 @@ def current_pipeline_run(default: str = "") -> str:
     return os.environ.get(PIPELINE_RUN_ENV) or default
 
 
-def pipeline_parent_run(config_json: str) -> str:
+def pipeline_parent_run(config: Config) -> str:
     """The MLflow parent run of the kfp run this step belongs to; "" outside a pipeline run.
 
     Steps look their parent up instead of taking its id as an input: an input that is new
@@ -162,7 +162,7 @@ def pipeline_parent_run(config_json: str) -> str:
     run_id = current_pipeline_run()
     if not run_id:
         return ""
-    client, experiment_id = client_for(Config.from_json(config_json))
+    client, experiment_id = client_for(config)
     runs = _parent_runs(client, experiment_id, run_id)
     if not runs:
         log.warning("no MLflow parent run for kfp run %s; this step's run is top-level", run_id)

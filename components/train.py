@@ -16,31 +16,35 @@ import json
 import logging
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from parti_ops.components.encode import EncodedFormatError, load_encoded, read_encoded_manifest
+from parti_ops.components.loaders import EncodedFormatError, load_encoded, read_encoded_manifest
 from parti_ops.components.shards import HELDOUT_SPLITS, write_json
-from parti_ops.components.tokenizers import IMAGE_FILES, TEXT_FILES
 from parti_ops.components.versioning import files_digest
+from parti_ops.model.config import Config
+from parti_ops.model.errors import PartiError
+from parti_ops.model.layout import (
+    IMAGE_TOKENIZER_FILES,
+    PREEMPTED,
+    PREEMPTED_EXIT_CODE,
+    SAMPLES,
+    TEXT_TOKENIZER_FILES,
+    TRAIN_ENTRY,
+)
+from parti_ops.model.layout import TRAINING_REPORT as REPORT
 
 log = logging.getLogger(__name__)
 
-REPORT = "training_report.json"
-SAMPLES = "samples.png"
-PREEMPTED = "preempted"  # left by rank 0 when torchrun processes stopped on SIGTERM
 
-
-class TrainError(ValueError):
+class TrainError(PartiError, ValueError):
     """Inputs the training step cannot use; the message says which and what to do."""
 
 
 def train_step(
-    config_json: str,
+    config: Config,
     parent_run_id: str,
     encoded_dir: str,
     text_dir: str,
@@ -53,13 +57,8 @@ def train_step(
 
     Returns the training report (also `out_dir/training_report.json`).
     """
-    from parti_ops.model.config import Config
-
-    config = Config.from_json(config_json)
     if config.train.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _launch(
-            config_json, parent_run_id, encoded_dir, text_dir, image_dir, out_dir, resume
-        )
+        return _launch(config, parent_run_id, encoded_dir, text_dir, image_dir, out_dir, resume)
     manifest = _check_inputs(encoded_dir, text_dir, image_dir)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     runs = _tracking(config, parent_run_id) if rank0 else contextlib.nullcontext(None)
@@ -76,12 +75,7 @@ def _train(config, manifest, encoded_dir, text_dir, image_dir, out: Path, resume
     from parti_ops.model.parti import PartiDims
     from parti_ops.model.train import CodeData, fit, heldout_nll
 
-    dims = PartiDims(
-        text_vocab=int(manifest["vocab_size"]),
-        text_length=int(manifest["max_length"]),
-        codebook_size=int(manifest["codebook_size"]),
-        grid=int(manifest["grid"][0]),
-    )
+    dims = PartiDims.from_manifest(manifest)
     data = CodeData.from_arrays(load_encoded(encoded_dir, "train"), dims.text_length)
     if not len(data):
         raise TrainError(f"{encoded_dir}: no rows in split 'train'; encode the data first")
@@ -148,8 +142,8 @@ def _check_inputs(encoded_dir: str, text_dir: str, image_dir: str) -> dict[str, 
     """The encoded manifest, after checking it was made by these tokenizers."""
     manifest = read_encoded_manifest(encoded_dir)
     for key, folder, files in (
-        ("text_tokenizer", text_dir, TEXT_FILES),
-        ("image_tokenizer", image_dir, IMAGE_FILES),
+        ("text_tokenizer", text_dir, TEXT_TOKENIZER_FILES),
+        ("image_tokenizer", image_dir, IMAGE_TOKENIZER_FILES),
     ):
         try:
             digest = files_digest(folder, files)
@@ -164,11 +158,11 @@ def _check_inputs(encoded_dir: str, text_dir: str, image_dir: str) -> dict[str, 
 
 
 def _copy_tokenizers(text_dir: str, image_dir: str, out: Path) -> None:
-    from parti_ops.model.generate import IMAGE_TOKENIZER, TEXT_TOKENIZER
+    from parti_ops.model.layout import IMAGE_TOKENIZER, TEXT_TOKENIZER
 
     for folder, files, name in (
-        (text_dir, TEXT_FILES, TEXT_TOKENIZER),
-        (image_dir, IMAGE_FILES, IMAGE_TOKENIZER),
+        (text_dir, TEXT_TOKENIZER_FILES, TEXT_TOKENIZER),
+        (image_dir, IMAGE_TOKENIZER_FILES, IMAGE_TOKENIZER),
     ):
         target = out / name
         target.mkdir(parents=True, exist_ok=True)
@@ -208,53 +202,24 @@ def _sample_grid(config, out: Path, data, rows: int = 8) -> None:
     reconstruction_grid(samples, reference, pairs=rows).save(out / SAMPLES)
 
 
-def _launch(config_json, parent_run_id, encoded_dir, text_dir, image_dir, out_dir, resume):
+def _launch(config, parent_run_id, encoded_dir, text_dir, image_dir, out_dir, resume):
     """Run this step under `torchrun` with `train.nproc` processes; rank 0 writes the report."""
-    from parti_ops.model.checkpoint import PREEMPTED_EXIT_CODE
-    from parti_ops.model.config import Config
+    from parti_ops.deploy.torchrun import launch
 
-    nproc = Config.from_json(config_json).train.nproc
+    nproc = config.train.nproc
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    args = out / "launch.json"
-    write_json(
-        args,
-        {
-            "config_json": config_json,
-            "parent_run_id": parent_run_id,
-            "encoded_dir": encoded_dir,
-            "text_dir": text_dir,
-            "image_dir": image_dir,
-            "out_dir": out_dir,
-            "resume": resume,
-        },
-    )
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={nproc}", "-m", "parti_ops.components.train", str(args),
-    ]  # fmt: skip
-    log.info("starting %d training processes: %s", nproc, " ".join(command))
-    marker = out / PREEMPTED
-    marker.unlink(missing_ok=True)
-    # SIGTERM is passed on: torchrun hands it to every process, which checkpoint and exit
-    # 143; rank 0 leaves a marker, since torchrun itself then exits with 1.
-    children: list[subprocess.Popen] = []
-    stopped: list[int] = []
-
-    def forward(signum: int, frame: object) -> None:
-        stopped.append(signum)
-        for child in children:
-            child.terminate()
-
-    previous = signal.signal(signal.SIGTERM, forward)
-    try:
-        children.append(subprocess.Popen(command))
-        code = children[0].wait()
-    finally:
-        signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)
-    # Stopped before the processes could checkpoint (still starting), the step is
-    # preempted all the same: nothing is lost, a retry starts or resumes it.
-    if marker.exists() or (stopped and code):
+    arguments = {  # JSON in the launch file: each process parses the config once (`main`)
+        "config_json": config.to_json(),
+        "parent_run_id": parent_run_id,
+        "encoded_dir": encoded_dir,
+        "text_dir": text_dir,
+        "image_dir": image_dir,
+        "out_dir": out_dir,
+        "resume": resume,
+    }
+    log.info("starting %d training processes (torchrun)", nproc)
+    code = launch(TRAIN_ENTRY, arguments, out / "launch.json", out, nproc=nproc)
+    if code == PREEMPTED_EXIT_CODE:
         raise SystemExit(PREEMPTED_EXIT_CODE)
     if code:
         raise TrainError(f"torchrun exited with code {code}; its processes' errors are above")
@@ -264,12 +229,13 @@ def _launch(config_json, parent_run_id, encoded_dir, text_dir, image_dir, out_di
 def main(argv: list[str]) -> None:
     """Entry point of each torchrun process: `python -m parti_ops.components.train launch.json`."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from parti_ops.model.checkpoint import PREEMPTED_EXIT_CODE, CheckpointError
+    from parti_ops.model.checkpoint import CheckpointError
 
     kwargs = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
     resume = kwargs.pop("resume")
+    config = Config.from_json(kwargs.pop("config_json"))
     try:
-        train_step(**kwargs, resume=resume)
+        train_step(config, **kwargs, resume=resume)
     except (TrainError, EncodedFormatError, CheckpointError) as err:
         raise SystemExit(f"train: {err}") from None
     except SystemExit as stop:

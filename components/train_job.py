@@ -14,9 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from parti_ops.components.encode import read_encoded_manifest
+from parti_ops.components.loaders import read_encoded_manifest
 from parti_ops.components.shards import write_json
-from parti_ops.components.train import REPORT
 from parti_ops.deploy.training_job import (
     SHARED,
     api_client,
@@ -28,13 +27,13 @@ from parti_ops.deploy.training_job import (
     wait,
 )
 from parti_ops.model.config import Config
-from parti_ops.model.train import CHECKPOINTS  # they stay on the shared volume
+from parti_ops.model.layout import CHECKPOINTS, TRAINING_REPORT
 
 log = logging.getLogger(__name__)
 
 
 def train_job_step(
-    config_json: str,
+    config: Config,
     parent_run_id: str,
     encoded_dir: str,
     text_dir: str,
@@ -46,10 +45,9 @@ def train_job_step(
     poll_s: float = 30.0,
 ) -> dict[str, Any]:
     """Train the decoder in a PyTorchJob of `train.nodes` pods; returns the training report."""
-    config = Config.from_json(config_json)
     manifest = read_encoded_manifest(encoded_dir)
     name = job_name(
-        config_json,
+        config,
         {
             "data": manifest["data_digest"],
             "text_tokenizer": manifest["text_tokenizer"]["digest"],
@@ -61,16 +59,19 @@ def train_job_step(
         ("encoded", encoded_dir), ("text_tokenizer", text_dir), ("image_tokenizer", image_dir),
     ):  # fmt: skip
         _stage(Path(source), run / "inputs" / key)
-    write_json(run / "config.json", json.loads(config_json))
+    write_json(run / "config.json", config.to_dict())
     namespace = config.train.job_namespace or own_namespace()
     api = api or api_client()
     log.info("training in PyTorchJob %s/%s (%d nodes)", namespace, name, config.train.nodes)
     submit(api, job_objects(config, name, namespace, parent_run_id))
     wait(api, namespace, name, timeout_s=config.train.job_timeout_s, poll_s=poll_s)
     shutil.copytree(
-        run / "parti", out_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns(CHECKPOINTS)
+        run / "parti",
+        out_dir,
+        dirs_exist_ok=True,
+        ignore=shutil.ignore_patterns(CHECKPOINTS),  # they stay on the shared volume
     )
-    report = json.loads((Path(out_dir) / REPORT).read_text(encoding="utf-8"))
+    report = json.loads((Path(out_dir) / TRAINING_REPORT).read_text(encoding="utf-8"))
     return {**report, "job": name}
 
 

@@ -33,16 +33,18 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from parti_ops.components.ingest import control_chars, describe_chars
 from parti_ops.components.progress import track
 from parti_ops.components.shards import (
     FACT_COLUMNS,
     ShardWriter,
+    control_chars,
+    describe_chars,
     read_manifest,
     read_shard,
     write_json,
 )
-from parti_ops.model.config import DataConfig
+from parti_ops.model.config import Config, DataConfig
+from parti_ops.model.errors import PartiError
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ SPLIT_NOISE_SIGMAS = 5.0
 EMPTY_SPLIT_ODDS = 1e-3
 
 
-class DataValidationError(RuntimeError):
+class DataValidationError(PartiError, RuntimeError):
     """Validation stopped the run; the message says why and where the report is."""
 
 
@@ -543,16 +545,14 @@ Great Expectations Data Docs: <a href="data_docs/index.html">data_docs/index.htm
 
 
 def validate_step(
-    config_json: str, parent_run_id: str, canonical_dir: str, out_dir: str
+    config: Config, parent_run_id: str, canonical_dir: str, out_dir: str
 ) -> dict[str, Any]:
     """`validate` inside a nested MLflow run; logs counts, reasons, report and Data Docs.
 
     The run is logged before a failing gate raises, so the report is there to read.
     """
     from parti_ops.components.tracking import step_run
-    from parti_ops.model.config import Config
 
-    config = Config.from_json(config_json)
     out = Path(out_dir)
     with step_run(config, "validate", parent_run_id) as run:
         try:

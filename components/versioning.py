@@ -8,6 +8,8 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+from parti_ops.model.layout import MODEL_FILES
+
 PACKAGES = ["parti-ops", "torch", "kfp", "mlflow", "great-expectations", "dvc", "pillow", "pyarrow"]
 
 
@@ -73,3 +75,8 @@ def files_digest(folder: str | Path, names: list[str]) -> str:
         with open(Path(folder) / name, "rb") as f:
             digest.update(hashlib.file_digest(f, "sha256").digest())
     return digest.hexdigest()
+
+
+def model_version(folder: str | Path) -> str:
+    """A saved model's identity (the scorer's, a VQGAN's): a digest of its weights and config."""
+    return files_digest(folder, MODEL_FILES)

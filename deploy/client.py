@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from parti_ops.model.errors import PartiError
+
 SETTINGS = {  # input → (numpy dtype, Triton type)
     "seed": (np.int64, "INT64"),
     "guidance_scale": (np.float32, "FP32"),
@@ -21,7 +23,7 @@ SETTINGS = {  # input → (numpy dtype, Triton type)
 }
 
 
-class ClientError(RuntimeError):
+class ClientError(PartiError, RuntimeError):
     """The server refused or failed a request; the message is the server's."""
 
 

@@ -28,8 +28,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from parti_ops.model.config import ExportConfig
-from parti_ops.model.generate import IMAGE_TOKENIZER, PARTI, TEXT_TOKENIZER, TextToImage
+from parti_ops.model.config import ExportConfig, SampleConfig
+from parti_ops.model.errors import PartiError
+from parti_ops.model.generate import TextToImage
+from parti_ops.model.layout import (
+    DECODER_STEP,
+    IMAGE_DECODER,
+    IMAGE_TOKENIZER,
+    INT8,
+    ONNX_META,
+    PARTI,
+    TEXT_ENCODER,
+    TEXT_TOKENIZER,
+)
 from parti_ops.model.parti import KVCache, Parti
 from parti_ops.model.sampling import generate_codes
 from parti_ops.model.scenes import compare, prompt_suite, read_scene
@@ -37,13 +48,8 @@ from parti_ops.model.vqgan import VQGAN, to_uint8
 
 log = logging.getLogger(__name__)
 
-TEXT_ENCODER, DECODER_STEP, IMAGE_DECODER = "text_encoder", "decoder_step", "image_decoder"
-GRAPHS = (TEXT_ENCODER, DECODER_STEP, IMAGE_DECODER)
-META = "meta.json"
-INT8 = "int8"  # subfolder of the int8 variant, same file names
 
-
-class ExportError(ValueError):
+class ExportError(PartiError, ValueError):
     """An export that cannot be made or fails its parity check; the message says which."""
 
 
@@ -118,7 +124,7 @@ def export_onnx(bundle: str | Path, out: str | Path, config: ExportConfig) -> di
     import onnx
 
     bundle, final = Path(bundle), Path(out)
-    if final.exists() and any(final.iterdir()) and not (final / META).is_file():
+    if final.exists() and any(final.iterdir()) and not (final / ONNX_META).is_file():
         raise ExportError(f"{final}: not empty and not an export; give a new or export folder")
     model = TextToImage.load(bundle)
     # Written beside the target and moved into place only once parity holds, so a
@@ -188,7 +194,7 @@ def export_onnx(bundle: str | Path, out: str | Path, config: ExportConfig) -> di
             for part, name in ((PARTI, "model.safetensors"), (IMAGE_TOKENIZER, "model.safetensors"))
         },
     }
-    (out / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    (out / ONNX_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     try:
         report = check_parity(model, out, config)
     except BaseException:
@@ -239,7 +245,14 @@ def check_parity(
     ):
         raise ExportError("the served tokenizer encodes the parity prompts differently")
     greedy = runtime.generate_codes(
-        ort_ids, ort_mask, ort_null, seeds, guidance_scale=scale, temperature=0.0
+        ort_ids,
+        ort_mask,
+        ort_null,
+        seeds,
+        guidance_scale=scale,
+        temperature=0.0,
+        top_k=0,
+        top_p=1.0,
     )
     agree = greedy.reshape(len(prompts), -1) == torch_codes.reshape(len(prompts), -1).numpy()
     logits_diff = _teacher_forced_diff(model, runtime, ids, mask, null, torch_codes.to(ids.device))
@@ -298,8 +311,8 @@ def quantize_int8(folder: str | Path) -> Path:
         )
     shutil.copy2(folder / f"{IMAGE_DECODER}.onnx", target / f"{IMAGE_DECODER}.onnx")
     shutil.copytree(folder / TEXT_TOKENIZER, target / TEXT_TOKENIZER)
-    meta = json.loads((folder / META).read_text(encoding="utf-8"))
-    (target / META).write_text(json.dumps({**meta, "precision": "int8"}, indent=2) + "\n")
+    meta = json.loads((folder / ONNX_META).read_text(encoding="utf-8"))
+    (target / ONNX_META).write_text(json.dumps({**meta, "precision": "int8"}, indent=2) + "\n")
     return target
 
 
@@ -318,7 +331,11 @@ def compare_int8(folder: str | Path, config: ExportConfig) -> dict[str, Any]:
     for name, path in (("fp32", folder), ("int8", folder / INT8)):
         runtime = OnnxTextToImage.load(path)
         start = time.perf_counter()
-        images, _ = runtime(prompts, seeds=seeds, guidance_scale=config.parity_guidance)
+        images, _ = runtime(
+            prompts,
+            seeds=seeds,
+            **{**SampleConfig().sampling_kwargs(), "guidance_scale": config.parity_guidance},
+        )
         seconds = time.perf_counter() - start
         exact = [
             compare(read_scene(image), scene)["exact"]

@@ -14,33 +14,40 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+import operator
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 TEXT_ENCODER, DECODER_STEP, IMAGE_DECODER = "text_encoder", "decoder_step", "image_decoder"
-MAX_SEED = 2**63 - 1
 
 
 class RequestError(ValueError):
     """A prompt or sampling setting that cannot be served; the message says which and why."""
 
 
-def check_settings(
-    guidance_scale: float, temperature: float, top_k: int, top_p: float, seed: int
-) -> None:
-    """Raise RequestError naming the first setting out of range (the rules of `check_sampling`)."""
-    if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
-        raise RequestError(f"guidance_scale={guidance_scale}: use a finite number >= 0")
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise RequestError(f"temperature={temperature}: use a finite number >= 0 (0: greedy)")
-    if top_k < 0:
-        raise RequestError(f"top_k={top_k}: use 0 (off) or a positive count")
-    if not (math.isfinite(top_p) and 0 < top_p <= 1):
-        raise RequestError(f"top_p={top_p}: use a number in (0, 1]")
-    if not 0 <= seed <= MAX_SEED:
-        raise RequestError(f"seed={seed}: use an integer in 0..2**63-1")
+def check_settings(settings: Mapping[str, float], rules: Mapping[str, Mapping[str, Any]]) -> None:
+    """Raise RequestError naming the first setting outside its rule.
+
+    The rules are SampleConfig's declared ranges as the export wrote them into
+    `export.json` (parti_ops.model.config.sampling_rules): bounds `ge`/`gt`/`le`/`lt`,
+    `finite`, and `use`, the words saying what to send instead.
+    """
+    for name, rule in rules.items():
+        value = settings[name]
+        within = all(
+            bound is None or holds(value, bound)
+            for holds, bound in (
+                (operator.ge, rule.get("ge")),
+                (operator.gt, rule.get("gt")),
+                (operator.le, rule.get("le")),
+                (operator.lt, rule.get("lt")),
+            )
+        )  # NaN compares false with every bound
+        if not within or math.isnan(value) or (rule.get("finite") and not math.isfinite(value)):
+            raise RequestError(f"{name}={value}: use {rule['use']}")
 
 
 def apply_cfg(cond: np.ndarray, uncond: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -183,10 +190,10 @@ class OnnxTextToImage:
         null: np.ndarray,
         seeds: Sequence[int],
         *,
-        guidance_scale: float | np.ndarray = 1.5,
-        temperature: float | np.ndarray = 1.0,
-        top_k: int | np.ndarray = 0,
-        top_p: float | np.ndarray = 1.0,
+        guidance_scale: float | np.ndarray,
+        temperature: float | np.ndarray,
+        top_k: int | np.ndarray,
+        top_p: float | np.ndarray,
         cancelled: Callable[[], np.ndarray] | None = None,
     ) -> np.ndarray:
         """Codes (B, grid, grid) for prompts (B, T); settings are scalars or one per row.
@@ -262,10 +269,10 @@ class OnnxTextToImage:
         prompts: Sequence[str],
         *,
         seeds: Sequence[int],
-        guidance_scale: float | np.ndarray = 1.5,
-        temperature: float | np.ndarray = 1.0,
-        top_k: int | np.ndarray = 0,
-        top_p: float | np.ndarray = 1.0,
+        guidance_scale: float | np.ndarray,
+        temperature: float | np.ndarray,
+        top_k: int | np.ndarray,
+        top_p: float | np.ndarray,
         cancelled: Callable[[], np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Images (B, H, W, 3) uint8 and codes (B, grid, grid) for prompts, one seed each."""

@@ -21,14 +21,17 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from parti_ops.model.config import ServeConfig
+from parti_ops.model.errors import PartiError
 
 
-class ServerError(RuntimeError):
+class ServerError(PartiError, RuntimeError):
     """The server could not be found or did not become ready; the message says why."""
 
 
@@ -227,3 +230,40 @@ class TritonServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """How a server that `serve_until_signalled` ran came to an end."""
+
+    exit_code: int | None
+    crashed: bool  # it exited by itself, not on a signal
+    log_tail: str = ""  # the end of its log when it crashed (the log goes with the server)
+
+
+def serve_until_signalled(
+    repository: str | Path, serve: ServeConfig, on_ready: Callable[[TritonServer], None]
+) -> Stopped:
+    """Run tritonserver on `repository` until SIGINT or SIGTERM, or until it exits by itself.
+
+    `on_ready` is called once the server is ready (to say where it listens). The server is
+    stopped on the way out, whatever happens; one that does not start raises ServerError.
+    """
+    stop = threading.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in signals}
+    try:
+        server = TritonServer(repository, serve).start()
+        crashed, tail = False, ""
+        try:
+            on_ready(server)
+            while not stop.wait(1.0):
+                if server.process.poll() is not None:
+                    crashed, tail = True, server.tail()  # read before `stop` deletes the log
+                    break
+        finally:
+            code = server.stop()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return Stopped(exit_code=code, crashed=crashed, log_tail=tail)

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from parti_ops.model.config import ExportConfig
+from parti_ops.model.errors import PartiError
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(PartiError, RuntimeError):
     """No GPU, or no TensorRT execution provider, on this machine."""
 
 
@@ -57,8 +58,9 @@ def build_engines(
     check_available()
     import torch
 
-    from parti_ops.deploy.onnx import check_parity
+    from parti_ops.deploy.onnx import ExportError, check_parity
     from parti_ops.deploy.runtime import OnnxTextToImage
+    from parti_ops.model.config import SampleConfig
     from parti_ops.model.generate import TextToImage
     from parti_ops.model.scenes import prompt_suite
 
@@ -66,14 +68,17 @@ def build_engines(
     out.mkdir(parents=True, exist_ok=True)
     model = TextToImage.load(bundle, device="cuda")
     start = time.perf_counter()
-    runtime = OnnxTextToImage.load(onnx_dir, providers=providers(out))
+    try:
+        runtime = OnnxTextToImage.load(onnx_dir, providers=providers(out))
+    except ValueError as err:  # a plain ValueError: runtime.py imports nothing of parti_ops
+        raise ExportError(str(err)) from None
     report: dict[str, Any] = {"engine_build_s": time.perf_counter() - start}
     report["parity"] = check_parity(model, Path(onnx_dir), config, runtime=runtime)
     prompts = [p for p, _ in prompt_suite(config.parity_prompts)]
     seeds = list(range(len(prompts)))
     timings = {}
     for name, run in (
-        ("tensorrt", lambda: runtime(prompts, seeds=seeds)),
+        ("tensorrt", lambda: runtime(prompts, seeds=seeds, **SampleConfig().sampling_kwargs())),
         ("torch_eager", lambda: model(prompts, seeds=seeds)),
     ):
         run()  # warm-up: engine and kernel selection

@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shlex
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -25,6 +27,8 @@ from typing import Any
 import yaml
 
 from parti_ops.model.config import Config
+from parti_ops.model.errors import PartiError
+from parti_ops.model.layout import CHECKPOINTS, TRAIN_ENTRY
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +39,13 @@ GPU = "nvidia.com/gpu"
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
-class TrainJobError(RuntimeError):
+class TrainJobError(PartiError, RuntimeError):
     """The job could not be submitted, failed, or did not finish in time."""
 
 
-def job_name(config_json: str, digests: Mapping[str, str]) -> str:
+def job_name(config: Config, digests: Mapping[str, str]) -> str:
     """`parti-train-<12 hex>`: the same config and inputs give the same job."""
-    text = json.dumps({"config": json.loads(config_json), **digests}, sort_keys=True)
+    text = json.dumps({"config": config.to_dict(), **digests}, sort_keys=True)
     return f"parti-train-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
@@ -194,3 +198,52 @@ def wait(
                 "running: a retry of the step follows it"
             )
         sleep(poll_s)
+
+
+# What runs in each pod: `k8s/training/launch.py` calls `pod_main`.
+
+
+def launch_arguments(env: Mapping[str, str]) -> dict[str, Any]:
+    """The keyword arguments of the train entry point (`TRAIN_ENTRY`), from a pod's env.
+
+    The resolved config (PARTI_PRESET, PARTI_CONFIG, PARTI_SET) and the folders
+    (PARTI_ENCODED, PARTI_TEXT_TOKENIZER, PARTI_IMAGE_TOKENIZER, PARTI_OUT), with `resume`
+    set when PARTI_OUT already holds checkpoints, so that a restarted pod continues.
+    """
+    from parti_ops.model.checkpoint import list_checkpoints
+
+    config = Config.load(
+        env.get("PARTI_PRESET", "tiny"),
+        env.get("PARTI_CONFIG") or None,
+        shlex.split(env.get("PARTI_SET", "")),
+    )
+    out = Path(env["PARTI_OUT"])
+    return {
+        "config_json": config.to_json(),
+        "parent_run_id": env.get("PARTI_PARENT_RUN_ID", ""),
+        "encoded_dir": env["PARTI_ENCODED"],
+        "text_dir": env["PARTI_TEXT_TOKENIZER"],
+        "image_dir": env["PARTI_IMAGE_TOKENIZER"],
+        "out_dir": str(out),
+        "resume": bool(list_checkpoints(out / CHECKPOINTS)),
+    }
+
+
+def pod_main(env: Mapping[str, str]) -> int:
+    """One node's share of the run: torchrun over the train entry point, as the step runs it.
+
+    torchrun takes the node count, this node's rank, the master's address and the processes
+    per node from the PET_* variables that the Training Operator sets on every replica. The
+    exit code is 143 when the processes stopped to checkpoint, so that the job's ExitCode
+    restart policy recreates the pods, which resume; otherwise torchrun's own (1: permanent).
+    """
+    from parti_ops.deploy.torchrun import launch
+
+    arguments = launch_arguments(env)
+    out = Path(arguments["out_dir"])
+    node = env.get("PET_NODE_RANK", "0")
+    state = "resuming from checkpoints" if arguments["resume"] else "starting"
+    print(f"node {node}: {state} in {out}", flush=True)
+    folder = Path(tempfile.mkdtemp(prefix="parti-launch-"))  # per pod: never shared
+    # The marker's writer, global rank 0, runs on node 0: only that node clears it.
+    return launch(TRAIN_ENTRY, arguments, folder / "launch.json", out, clear_marker=node == "0")

@@ -28,8 +28,9 @@ from typing import Any
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from parti_ops.deploy.onnx import GRAPHS, INT8, META
-from parti_ops.model.config import SampleConfig, ServeConfig
+from parti_ops.model.config import SampleConfig, ServeConfig, sampling_rules
+from parti_ops.model.errors import PartiError
+from parti_ops.model.layout import GRAPHS, INT8, ONNX_META
 
 HERE = Path(__file__).parent
 CONFIG = "config.pbtxt"
@@ -44,7 +45,7 @@ INPUTS = {  # name → (Triton type, optional); each (1,) per prompt
 }
 
 
-class RepositoryError(ValueError):
+class RepositoryError(PartiError, ValueError):
     """A model repository that cannot be written or read; the message says which file."""
 
 
@@ -172,8 +173,8 @@ def add_version(
     if version < 1:
         raise RepositoryError(f"version {version}: Triton versions start at 1")
     repository, onnx_dir = Path(repository), Path(onnx_dir)
-    if not (onnx_dir / META).is_file():
-        raise RepositoryError(f"{onnx_dir}: no {META}; give the output of `parti export onnx`")
+    if not (onnx_dir / ONNX_META).is_file():
+        raise RepositoryError(f"{onnx_dir}: no {ONNX_META}; give the output of `parti export onnx`")
     if precision == INT8 and not (onnx_dir / INT8).is_dir():
         raise RepositoryError(f"{onnx_dir}: no int8/ variant to serve; export with int8 on")
     folder = repository / serve.model_name / str(version)
@@ -189,6 +190,7 @@ def add_version(
         "target": target,
         **(report or {}),
         "sample": dataclasses.asdict(sample or SampleConfig()),
+        "sample_rules": sampling_rules(),
     }
     (staging / "export.json").write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
     if folder.exists():  # moved aside first: a crash never leaves the version missing
@@ -214,9 +216,9 @@ def set_served_version(repository: str | Path, serve: ServeConfig, version: int)
     """Point the `parti` model's version policy at `version` (its folder must exist)."""
     model_dir = Path(repository) / serve.model_name
     folder = model_dir / str(version)
-    if not (folder / META).is_file():
+    if not (folder / ONNX_META).is_file():
         raise RepositoryError(f"{folder}: no exported model; add the version first")
-    meta = json.loads((folder / META).read_text(encoding="utf-8"))
+    meta = json.loads((folder / ONNX_META).read_text(encoding="utf-8"))
     return write_config(parti_config(serve, meta, version), model_dir)
 
 

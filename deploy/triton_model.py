@@ -34,6 +34,7 @@ class TritonPythonModel:
         folder = Path(args["model_repository"]) / args["model_version"]
         export = json.loads((folder / "export.json").read_text(encoding="utf-8"))
         self.defaults = {name: export["sample"][name] for name in SETTINGS}
+        self.rules = export["sample_rules"]  # SampleConfig's ranges: parti_ops.model.config
         self.max_prompt_bytes = int(params.get("max_prompt_bytes", "4096"))
         self.cancel_check_s = float(params.get("cancel_check_ms", "20")) / 1000
         providers = [p.strip() for p in params.get("providers", "CPUExecutionProvider").split(",")]
@@ -87,13 +88,7 @@ class TritonPythonModel:
         for row, text in enumerate(texts):
             settings = {name: columns[name][row] for name in SETTINGS}
             try:
-                check_settings(
-                    float(settings["guidance_scale"]),
-                    float(settings["temperature"]),
-                    int(settings["top_k"]),
-                    float(settings["top_p"]),
-                    int(settings["seed"]),
-                )
+                check_settings(settings, self.rules)
             except RequestError as err:
                 raise RequestError(f"prompt {row}: {err}") from None
             parsed.append((text, settings))

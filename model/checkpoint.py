@@ -28,14 +28,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from parti_ops.model.errors import PartiError
+
 log = logging.getLogger(__name__)
 
-PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what Kubernetes and torchrun expect
 _NAME = re.compile(r"step-(\d{8,})\.safetensors")
 _META_KEY = "parti_ops.checkpoint"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PartiError, ValueError):
     """A checkpoint that cannot be used: unreadable, corrupted, or made by another config."""
 
 
@@ -140,25 +141,6 @@ def latest_checkpoint(folder: str | Path) -> tuple[Path, dict[str, torch.Tensor]
             continue
         return path, tensors, meta
     raise CheckpointError("no usable checkpoint: " + " | ".join(reasons))
-
-
-def check_same_config(
-    saved: dict[str, Any], current: dict[str, Any], must_match: set[str], path: Path
-) -> None:
-    """Refuse a checkpoint whose model-shaping fields differ; warn on other differences."""
-    changed = {k for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
-    fatal = sorted(changed & must_match)
-    if fatal:
-        detail = ", ".join(
-            f"{k}: {saved.get(k)!r} in checkpoint, {current.get(k)!r} now" for k in fatal
-        )
-        raise CheckpointError(
-            f"{path}: made with a different model config ({detail}); resume with the same"
-            " config, or train into a new output folder"
-        )
-    if changed:
-        detail = ", ".join(f"{k} {saved.get(k)!r}→{current.get(k)!r}" for k in sorted(changed))
-        log.warning("resuming with changed training settings: %s", detail)
 
 
 def optimizer_tensors(name: str, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:

@@ -14,14 +14,14 @@ from pathlib import Path
 import torch
 
 from parti_ops.model.config import SampleConfig, check_sampling
+from parti_ops.model.errors import ModelFolderError
+from parti_ops.model.layout import IMAGE_TOKENIZER, PARTI, TEXT_TOKENIZER
 from parti_ops.model.parti import Parti
 from parti_ops.model.sampling import Reranker, generate_codes, rerank_candidates
 from parti_ops.model.text_tokenizer import encode_captions, load_text_tokenizer
 from parti_ops.model.vqgan import VQGAN, to_uint8
 
 log = logging.getLogger(__name__)
-
-PARTI, TEXT_TOKENIZER, IMAGE_TOKENIZER = "parti", "text_tokenizer", "image_tokenizer"
 
 
 class TextToImage:
@@ -32,18 +32,18 @@ class TextToImage:
 
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> TextToImage:
-        """ValueError names the part of the bundle that is missing or broken."""
+        """ModelFolderError names the part of the bundle that is missing or broken."""
         folder = Path(folder)
         for part in (PARTI, TEXT_TOKENIZER, IMAGE_TOKENIZER):
             if not (folder / part).is_dir():
-                raise ValueError(
+                raise ModelFolderError(
                     f"{folder}: no {part}/ folder; give the output folder of `parti train`"
                 )
         parti = Parti.from_pretrained(folder / PARTI, device=device)
         vqgan = VQGAN.from_pretrained(folder / IMAGE_TOKENIZER).to(device)
         tokenizer = load_text_tokenizer(folder / TEXT_TOKENIZER)
         if len(tokenizer) > parti.dims.text_vocab or vqgan.grid != parti.dims.grid:
-            raise ValueError(f"{folder}: the tokenizers do not match the Parti model's sizes")
+            raise ModelFolderError(f"{folder}: the tokenizers do not match the Parti model's sizes")
         return cls(parti, vqgan, tokenizer)
 
     def encode_prompts(

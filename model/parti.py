@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parti_ops.model.config import PartiConfig
+from parti_ops.model.config import Config, PartiConfig
+from parti_ops.model.errors import ModelFolderError
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -44,6 +45,26 @@ class PartiDims:
     @property
     def image_length(self) -> int:
         return self.grid * self.grid
+
+    @classmethod
+    def from_config(cls, config: Config) -> PartiDims:
+        """What tokenizers trained with `config` would fix (their vocabularies are upper bounds)."""
+        return cls(
+            text_vocab=config.text_tokenizer.vocab_size,
+            text_length=config.text_tokenizer.max_length,
+            codebook_size=config.image_tokenizer.codebook_size,
+            grid=config.image_grid,
+        )
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> PartiDims:
+        """What the tokenizers that encoded a data set fix, from its manifest (`encode`)."""
+        return cls(
+            text_vocab=int(manifest["vocab_size"]),
+            text_length=int(manifest["max_length"]),
+            codebook_size=int(manifest["codebook_size"]),
+            grid=int(manifest["grid"][0]),
+        )
 
 
 @dataclass
@@ -63,7 +84,7 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, d_model: int, heads: int, dropout: float, qk_norm: bool = False):
+    def __init__(self, d_model: int, heads: int, dropout: float):
         super().__init__()
         self.heads, self.dropout = heads, dropout
         self.q = nn.Linear(d_model, d_model)
@@ -71,8 +92,7 @@ class Attention(nn.Module):
         self.out = nn.Linear(d_model, d_model)
         # LayerNorm of each head's queries and keys (Dehghani et al. 2023): the logits start
         # at a useful scale instead of near zero, so attention can become selective early.
-        norm = (lambda: nn.LayerNorm(d_model // heads)) if qk_norm else nn.Identity
-        self.q_norm, self.k_norm = norm(), norm()
+        self.q_norm, self.k_norm = nn.LayerNorm(d_model // heads), nn.LayerNorm(d_model // heads)
 
     def _split(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
         """(B, n, D) → (B, H, n, D/H), each head normalised by `norm` first: before the
@@ -102,7 +122,8 @@ class Attention(nn.Module):
 
 
 class ReLUSquared(nn.Module):
-    """relu(x)² (So et al. 2021, "Primer"), the MLP activation of `parti.activation` relu2."""
+    """relu(x)² (So et al. 2021, "Primer"), the MLPs' activation
+    (docs/experiments/decoder-relu2-zero-init-wsd.md)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.relu(x)
@@ -110,10 +131,10 @@ class ReLUSquared(nn.Module):
 
 
 class MLP(nn.Sequential):
-    def __init__(self, d_model: int, ratio: int, dropout: float, activation: str):
+    def __init__(self, d_model: int, ratio: int, dropout: float):
         super().__init__(
             nn.Linear(d_model, ratio * d_model),
-            ReLUSquared() if activation == "relu2" else nn.GELU(),
+            ReLUSquared(),
             nn.Linear(ratio * d_model, d_model),
             nn.Dropout(dropout),
         )
@@ -123,8 +144,8 @@ class EncoderLayer(nn.Module):
     def __init__(self, cfg: PartiConfig):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
-        self.attn = Attention(cfg.d_model, cfg.heads, cfg.dropout, cfg.qk_norm)
-        self.mlp = MLP(cfg.d_model, cfg.mlp_ratio, cfg.dropout, cfg.activation)
+        self.attn = Attention(cfg.d_model, cfg.heads, cfg.dropout)
+        self.mlp = MLP(cfg.d_model, cfg.mlp_ratio, cfg.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)
@@ -136,9 +157,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: PartiConfig):
         super().__init__()
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(cfg.d_model) for _ in range(3))
-        self.self_attn = Attention(cfg.d_model, cfg.heads, cfg.dropout, cfg.qk_norm)
-        self.cross_attn = Attention(cfg.d_model, cfg.heads, cfg.dropout, cfg.qk_norm)
-        self.mlp = MLP(cfg.d_model, cfg.mlp_ratio, cfg.dropout, cfg.activation)
+        self.self_attn = Attention(cfg.d_model, cfg.heads, cfg.dropout)
+        self.cross_attn = Attention(cfg.d_model, cfg.heads, cfg.dropout)
+        self.mlp = MLP(cfg.d_model, cfg.mlp_ratio, cfg.dropout)
 
     def forward(
         self,
@@ -193,21 +214,18 @@ class Parti(nn.Module):
         self.decoder_norm = nn.LayerNorm(d)
         # The caption, pooled, added to the start token's input: position 0 then carries
         # the prompt, and every later position can read it through self-attention.
-        self.prompt_proj = nn.Linear(d, d) if config.prompt_start else None
-        self.head = None if config.tie_head else nn.Linear(d, dims.codebook_size, bias=False)
+        self.prompt_proj = nn.Linear(d, d)
         self.drop = nn.Dropout(config.dropout)
         self.apply(_init_weights)
         for p in (self.text_pos, self.row_pos, self.col_pos, self.null_text):
             nn.init.normal_(p, std=0.02)
-        if config.zero_init:
-            # Every residual branch starts at zero, so each layer starts as the identity
-            # (the output projections of attention and MLP; as in Jordan et al.'s
-            # modded-nanogpt).
-            for module in self.modules():
-                if isinstance(module, Attention):
-                    nn.init.zeros_(module.out.weight)
-                elif isinstance(module, MLP):
-                    nn.init.zeros_(module[2].weight)
+        # Every residual branch starts at zero, so each layer starts as the identity (the
+        # output projections of attention and MLP; as in Jordan et al.'s modded-nanogpt).
+        for module in self.modules():
+            if isinstance(module, Attention):
+                nn.init.zeros_(module.out.weight)
+            elif isinstance(module, MLP):
+                nn.init.zeros_(module[2].weight)
 
     @property
     def start_token(self) -> int:
@@ -247,7 +265,7 @@ class Parti(nn.Module):
             cross_k=[k for k, _ in cross],
             cross_v=[v for _, v in cross],
             text_mask=text_mask,
-            prompt=self._pool(states, text_mask) if self.prompt_proj is not None else None,
+            prompt=self._pool(states, text_mask),
         )
 
     def _pool(self, states: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
@@ -281,11 +299,8 @@ class Parti(nn.Module):
             )
             self_k.append(k)
             self_v.append(v)
-        x = self.decoder_norm(x)
-        if self.head is not None:
-            logits = self.head(x)
-        else:
-            logits = x @ self.code_embed.weight[: self.dims.codebook_size].t()
+        # The output head is the code embedding, transposed (start token excluded).
+        logits = self.decoder_norm(x) @ self.code_embed.weight[: self.dims.codebook_size].t()
         return logits, dataclasses.replace(cache, self_k=self_k, self_v=self_v)
 
     def forward(
@@ -318,27 +333,37 @@ class Parti(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> Parti:
-        """Load a folder written by `save_pretrained`; ValueError says what is wrong."""
+        """Load a folder written by `save_pretrained`; ModelFolderError says what is wrong."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         folder = Path(folder)
         try:
             body: dict[str, Any] = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
-            # Folders written before these options existed hold models without them.
-            for option in ("prompt_start", "qk_norm", "zero_init"):
-                body["parti"].setdefault(option, False)
-            body["parti"].setdefault("activation", "gelu")
-            model = cls(config=PartiConfig(**body["parti"]), dims=PartiDims(**body["dims"]))
+            saved = dict(body["parti"])
+            # Every folder saved before `tie_head` was removed holds it; one of those without
+            # `activation` was saved before that option existed, with GELU MLPs.
+            activation = saved.pop("activation", "gelu" if "tie_head" in saved else "relu2")
+            # The removed `zero_init` chose only the weights that these replace.
+            saved.pop("zero_init", None)
+            config = PartiConfig.from_dict(saved)
+            model = cls(config=config, dims=PartiDims(**body["dims"]))
             state = load_file(folder / WEIGHTS, device=str(device))
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
-            raise ValueError(
+            raise ModelFolderError(
                 f"{folder}: not a Parti model folder ({WEIGHTS} + {CONFIG}): {err}"
             ) from None
+        if activation != "relu2":
+            raise ModelFolderError(
+                f"{folder}: a Parti model with {activation!r} MLPs, a branch since removed"
+                " (parti.activation; only relu2 is supported): retrain it with this version"
+            )
         try:
             model.load_state_dict(state)
         except RuntimeError as err:
-            raise ValueError(f"{folder / WEIGHTS}: weights do not fit {CONFIG}: {err}") from None
+            raise ModelFolderError(
+                f"{folder / WEIGHTS}: weights do not fit {CONFIG}: {err}"
+            ) from None
         return model.to(device).eval()
 
 

@@ -39,8 +39,6 @@ class FactorizedQuantizer(nn.Module):
         commitment_weight: weight of the loss pulling the projected vectors to their codes.
         kmeans_iters: Lloyd iterations of the k-means initialisation.
         out_scale: `project_out` reads the unit vectors times this.
-        rotation_trick: pass gradients to the encoder through the rotation that takes each
-            vector onto its code (Fifty et al. 2024) instead of straight through.
     """
 
     def __init__(
@@ -55,13 +53,11 @@ class FactorizedQuantizer(nn.Module):
         commitment_weight: float,
         kmeans_iters: int = 10,
         out_scale: float = 1.0,
-        rotation_trick: bool = False,
     ):
         super().__init__()
         self.codebook_size, self.decay = codebook_size, decay
         self.dead_code_threshold, self.commitment_weight = dead_code_threshold, commitment_weight
         self.kmeans_iters, self.out_scale = kmeans_iters, out_scale
-        self.rotation_trick = rotation_trick
         same = codebook_dim == dim
         self.project_in = nn.Identity() if same else nn.Linear(dim, codebook_dim)
         self.project_out = nn.Identity() if same else nn.Linear(codebook_dim, dim)
@@ -91,10 +87,7 @@ class FactorizedQuantizer(nn.Module):
         if self.training:
             self._update(flat.detach(), codes, similarity.detach())
         commit = F.mse_loss(flat, quantized.detach()) * self.commitment_weight
-        if self.rotation_trick:
-            quantized = _rotate_onto(flat, quantized)
-        else:
-            quantized = flat + (quantized - flat).detach()  # straight-through estimator
+        quantized = flat + (quantized - flat).detach()  # straight-through estimator
         return self._out(quantized.reshape(b, h, w, -1)), codes.reshape(b, h, w), commit
 
     def nearest(self, latents: torch.Tensor, k: int) -> torch.Tensor:
@@ -162,20 +155,6 @@ class FactorizedQuantizer(nn.Module):
         self.codebook[dead] = fresh
         self.cluster_size[dead] = self.dead_code_threshold
         self.embed_sum[dead] = fresh * self.dead_code_threshold
-
-
-def _rotate_onto(vectors: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Unit `vectors` (N, d) mapped onto their unit `codes` by a fixed rotation per row.
-
-    The forward value is `codes`; the gradient reaching `vectors` is the codes' gradient
-    rotated back (Fifty et al. 2024, "Restructuring vector quantization with the rotation
-    trick"): R = I - 2 r r^T + 2 c v^T with r the unit bisector of v and c, so R v = c.
-    """
-    v, c = vectors.detach(), codes.detach()
-    r = F.normalize(v + c, dim=-1)
-    along_r = (vectors * r).sum(dim=-1, keepdim=True)
-    along_v = (vectors * v).sum(dim=-1, keepdim=True)
-    return vectors - 2 * along_r * r + 2 * along_v * c
 
 
 def _kmeans_pp(samples: torch.Tensor, k: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from parti_ops.model.config import ScorerConfig
-from parti_ops.model.schedule import batch_indices, lr_factor
+from parti_ops.model.layout import CHECKPOINTS
+from parti_ops.model.loop import MetricsLogger, Progress, TrainState, arch_fields, train_loop
+from parti_ops.model.schedule import batch_indices
 from parti_ops.model.text_tokenizer import encode_captions, load_text_tokenizer
 
 log = logging.getLogger(__name__)
@@ -199,13 +201,20 @@ def train_scorer(
     tokenizer_dir: str | Path,
     length: int,
     out_dir: str | Path,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
     negatives: Sequence[Sequence[str]] | None = None,
+    *,
+    resume: bool = False,
+    log_metrics: MetricsLogger | None = None,
+    log_every: int = 100,
 ) -> ImageTextScorer:
     """Train on (image, caption) pairs with CLIP's symmetric InfoNCE loss; save to `out_dir`.
 
-    Batches are a function of (seed, step) (`batch_indices`), so a run is reproducible.
-    The caption tokenizer is copied into the folder, which then scores on its own.
+    Batches are a function of (seed, step) (`batch_indices`), so a run is reproducible,
+    and one stopped by SIGTERM and resumed equals an uninterrupted one on CPU. With
+    `config.checkpoint_every`, checkpoints go to `out_dir/checkpoints` every that many
+    steps, at the end and on SIGTERM (then SystemExit with code 143). The caption tokenizer
+    is copied into the folder, which then scores on its own.
 
     Args:
         images: uint8 (N, H, W, 3).
@@ -216,6 +225,11 @@ def train_scorer(
             possibly none). Each step, every image is also told apart from
             `config.negatives_per_step` distinct ones of its own, drawn by (seed, step):
             as many extra columns of the image-to-text loss.
+        resume: continue from the newest good checkpoint; without it, existing
+            checkpoints are an error rather than silently overwritten.
+        log_metrics: called with (metrics, step) every `log_every` steps; by default the
+            loss is logged.
+        progress: called with (step, total) after each step.
     """
     import shutil
 
@@ -239,10 +253,8 @@ def train_scorer(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
     batch = min(config.batch_size, len(images))
-    model.train()
-    for step in range(config.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * lr_factor(step, config)
+
+    def train_step(step: int) -> dict[str, float]:
         rows = batch_indices(step, batch, len(images), config.seed)
         width = max(1, int(mask[rows].sum(dim=1).max()))
         img = model.image_embeddings(images[rows])
@@ -257,12 +269,26 @@ def train_scorer(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if step % 100 == 0 or step == config.steps - 1:
-            log.info("scorer step %d/%d: loss %.4f", step + 1, config.steps, loss.item())
-        if progress:
-            progress(step + 1, config.steps)
-    model.eval()
+        return {"loss": loss.item()}
+
+    def log_loss(metrics: dict[str, float], step: int) -> None:
+        log.info("scorer step %d/%d: loss %.4f", step, config.steps, metrics["loss"])
+
     out = Path(out_dir)
+    model.train()
+    train_loop(
+        config,
+        TrainState({"model": model}, {"optimizer": optimizer}),
+        train_step,
+        out / CHECKPOINTS,
+        architecture={"vocab": len(tokenizer), "length": length, **arch_fields(config)},
+        resume=resume,
+        log_every=log_every,
+        log_metrics=log_metrics or log_loss,
+        throughput=lambda steps_per_s: {"pairs_per_s": steps_per_s * batch},
+        progress=progress,
+    )
+    model.eval()
     model.save_pretrained(out)
     shutil.copytree(tokenizer_dir, out / TEXT_TOKENIZER, dirs_exist_ok=True)
     return model

@@ -2,8 +2,8 @@
 
 DDP starts when `torchrun` sets WORLD_SIZE > 1 (gloo on CPU, NCCL on GPU); bf16 autocast
 on a GPU, fp32 on CPU; gradient accumulation; Muon (hidden matrices) with AdamW (the rest),
-or AdamW alone, with warm-up and cosine decay;
-gradient clipping; optional `torch.compile`; caption dropout for classifier-free guidance.
+with warm-up, a stable peak and a linear decay (wsd); gradient clipping; optional
+`torch.compile`; caption dropout for classifier-free guidance.
 
 The global batch at step s, and which captions it drops, are functions of (seed, s)
 (`model/schedule.py`), so 1 process and N processes train on the same rows, and a run
@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import math
 import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,36 +27,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from parti_ops.model.checkpoint import (
-    PREEMPTED_EXIT_CODE,
-    CheckpointError,
-    StopOnSigterm,
-    check_same_config,
-    latest_checkpoint,
-    load_checkpoint,
-    optimizer_tensors,
-    refuse_to_overwrite,
-    restore_optimizer,
-    save_checkpoint,
-)
 from parti_ops.model.config import PartiConfig, TrainConfig
+from parti_ops.model.layout import CHECKPOINTS
+from parti_ops.model.loop import MetricsLogger, Progress, TrainState, train_loop
 from parti_ops.model.optim import MuonAdamW
 from parti_ops.model.parti import Parti, PartiDims
-from parti_ops.model.schedule import batch_indices, lr_factor
+from parti_ops.model.schedule import batch_indices
 
-log = logging.getLogger(__name__)
-
-CHECKPOINTS = "checkpoints"
 MODEL = "parti"  # the trained model's folder under the output folder
-# Fields that shape the weights or what they compute: a checkpoint made with others
-# cannot be resumed.
-MODEL_FIELDS = {
-    "d_model", "encoder_layers", "decoder_layers", "heads", "mlp_ratio", "tie_head",
-    "prompt_start", "qk_norm", "activation", "text_vocab", "text_length", "codebook_size", "grid",
-}  # fmt: skip
 # Dense bf16 peak of one GPU, for MFU; other GPUs report tokens/s only.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
-MetricsLogger = Callable[[dict[str, float], int], None]
 
 
 @dataclass(frozen=True)
@@ -148,10 +126,6 @@ class _Processes:
             dist.barrier()
 
 
-def fingerprint(config: PartiConfig, train: TrainConfig, dims: PartiDims) -> dict[str, Any]:
-    return {**dataclasses.asdict(config), **dataclasses.asdict(train), **dataclasses.asdict(dims)}
-
-
 def caption_drops(step: int, batch_size: int, rate: float, seed: int) -> torch.Tensor:
     """Which rows of the global batch at `step` get the null caption: (batch_size,) bool."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -159,21 +133,20 @@ def caption_drops(step: int, batch_size: int, rate: float, seed: int) -> torch.T
 
 
 def _optimizer(model: Parti, train: TrainConfig) -> MuonAdamW:
-    """Muon or AdamW for the hidden matrices, which alone take weight decay; AdamW for the
-    rest (norms, biases, embeddings, the output head tied or not, positions): Muon is for
+    """Muon for the hidden matrices, which alone take weight decay; AdamW for the rest
+    (norms, biases, the embeddings, which the output head shares, positions): Muon is for
     hidden layers, not a network's input and output (Jordan et al. 2024)."""
     matrices, rest = [], []
     for name, p in model.named_parameters():
-        is_matrix = p.ndim == 2 and not name.startswith(("text_embed", "code_embed", "head"))
+        is_matrix = p.ndim == 2 and not name.startswith(("text_embed", "code_embed"))
         is_matrix = is_matrix and not name.endswith("_pos")
         (matrices if is_matrix else rest).append(p)
-    muon = train.optimizer == "muon"
     groups = [
         {
             "params": matrices,
             "weight_decay": train.weight_decay,
-            "muon": muon,
-            "lr_scale": train.muon_lr_scale if muon else 1.0,
+            "muon": True,
+            "lr_scale": train.muon_lr_scale,
         },
         {"params": rest, "weight_decay": 0.0},
     ]
@@ -214,7 +187,7 @@ def fit(
     *,
     resume: bool = False,
     log_metrics: MetricsLogger | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> Parti:
     """Train Parti on encoded rows; returns the model, saved to `out_dir/parti` by rank 0.
 
@@ -243,7 +216,7 @@ def _fit(
     out: Path,
     resume: bool,
     log_metrics: MetricsLogger | None,
-    progress: Callable[[int, int], None] | None,
+    progress: Progress | None,
 ) -> Parti:
     if train.batch_size % (procs.world * train.grad_accum):
         raise ValueError(
@@ -251,24 +224,9 @@ def _fit(
             f" ({procs.world} * {train.grad_accum})"
         )
     micro = train.batch_size // (procs.world * train.grad_accum)
-    ckpt_dir = out / CHECKPOINTS
     torch.manual_seed(train.seed)
     model = Parti(config=config, dims=dims).to(procs.device)
     optimizer = _optimizer(model, train)
-    step = 0
-    if resume:
-        path, tensors, meta = _resume_from(procs, ckpt_dir)
-        # The optimiser's state is per rule: Muon's momentum cannot continue AdamW's moments.
-        must_match = MODEL_FIELDS | {"optimizer"}
-        check_same_config(meta["config"], fingerprint(config, train, dims), must_match, path)
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        restore_optimizer("optimizer", optimizer, tensors, meta["optimizer"])
-        step = int(meta["step"])
-        if procs.rank == 0:
-            log.info("resumed from %s (step %d of %d)", path, step, train.steps)
-    else:
-        refuse_to_overwrite(ckpt_dir)
-    procs.barrier()  # no process reads checkpoints that another is about to write
     stepper: torch.nn.Module = model
     ddp = None
     if procs.world > 1:
@@ -276,101 +234,63 @@ def _fit(
         stepper = ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ddp_device)
     if train.compile:
         stepper = torch.compile(stepper)
+    per_process = micro * train.grad_accum
+    mine = slice(procs.rank * per_process, (procs.rank + 1) * per_process)  # of a global batch
 
-    def checkpoint() -> None:
-        if procs.rank == 0:
-            tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-            opt_tensors, opt_meta = optimizer_tensors("optimizer", optimizer)
-            tensors |= opt_tensors
-            meta = {
-                "config": fingerprint(config, train, dims),
-                "optimizer": opt_meta,
-                # The data position, the learning rate and the dropout seeds follow from
-                # the step: batch_indices, lr_factor, one seed per micro-step.
-                "rows_seen": step * train.batch_size,
-                "lr": train.lr * lr_factor(step, train, train.schedule),
-            }
-            save_checkpoint(ckpt_dir, step, tensors, meta, keep=train.keep_checkpoints)
-        procs.barrier()
+    def train_step(step: int) -> dict[str, float]:
+        rows = batch_indices(step, train.batch_size, len(data), train.seed)
+        drops = caption_drops(step, train.batch_size, train.caption_dropout, train.seed)
+        loss_sum = 0.0
+        for i, part in enumerate(_chunks(rows[mine], drops[mine], micro)):
+            # Gradients are averaged across processes on the last micro-step only.
+            last = i == train.grad_accum - 1
+            # Dropout draws from a seed per (step, process, micro-step), so a resumed
+            # run needs no generator state to continue exactly, on CPU or GPU.
+            torch.manual_seed(hash((train.seed, step, procs.rank, i)) % 2**63)
+            with contextlib.nullcontext() if last or ddp is None else ddp.no_sync():
+                text_ids, text_mask, codes = data.rows(part[0], procs.device)
+                with _autocast(train, procs.device):
+                    logits = stepper(text_ids, text_mask, codes, part[1].to(procs.device))
+                loss = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
+                (loss / train.grad_accum).backward()
+            loss_sum += loss.item() / train.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bits = loss_sum / math.log(2)
+        return {"loss": loss_sum, "grad_norm": float(grad_norm), "bits_per_token": bits}
 
     flops = train_flops_per_example(model, text_tokens=int(data.text_mask.sum(1).float().mean()))
     peak = _peak_flops(procs.device)
-    history: dict[str, list[float]] = {}
-    window_start, window_step = time.perf_counter(), step
+
+    def throughput(steps_per_s: float) -> dict[str, float]:
+        examples_per_s = steps_per_s * train.batch_size
+        figures = {"tokens_per_s": examples_per_s * dims.image_length}
+        if peak:
+            figures["mfu"] = examples_per_s * flops / (peak * procs.world)
+        return figures
+
     model.train()
-    with StopOnSigterm() as stop:
-        while step < train.steps:
-            if procs.any(stop.requested):
-                checkpoint()
-                log.warning("preempted at step %d: checkpoint written", step)
-                raise SystemExit(PREEMPTED_EXIT_CODE)
-            lr = train.lr * lr_factor(step, train, train.schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            rows = batch_indices(step, train.batch_size, len(data), train.seed)
-            drops = caption_drops(step, train.batch_size, train.caption_dropout, train.seed)
-            per_process = micro * train.grad_accum
-            mine = slice(procs.rank * per_process, (procs.rank + 1) * per_process)
-            loss_sum = 0.0
-            for i, part in enumerate(_chunks(rows[mine], drops[mine], micro)):
-                # Gradients are averaged across processes on the last micro-step only.
-                last = i == train.grad_accum - 1
-                # Dropout draws from a seed per (step, process, micro-step), so a resumed
-                # run needs no generator state to continue exactly, on CPU or GPU.
-                torch.manual_seed(hash((train.seed, step, procs.rank, i)) % 2**63)
-                with contextlib.nullcontext() if last or ddp is None else ddp.no_sync():
-                    text_ids, text_mask, codes = data.rows(part[0], procs.device)
-                    with _autocast(train, procs.device):
-                        logits = stepper(text_ids, text_mask, codes, part[1].to(procs.device))
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
-                    (loss / train.grad_accum).backward()
-                loss_sum += loss.item() / train.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            history.setdefault("loss", []).append(loss_sum)
-            history.setdefault("grad_norm", []).append(float(grad_norm))
-            if step % train.log_every == 0 or step == train.steps:
-                summary = {k: procs.mean(float(np.mean(v))) for k, v in history.items()}
-                history.clear()
-                # Throughput over the steps since the last log (after compilation, warm-up).
-                now = time.perf_counter()
-                examples_per_s = (step - window_step) * train.batch_size / (now - window_start)
-                window_start, window_step = now, step
-                summary |= {
-                    "lr": lr,
-                    "bits_per_token": summary["loss"] / math.log(2),
-                    "tokens_per_s": examples_per_s * dims.image_length,
-                }
-                if peak:
-                    summary["mfu"] = examples_per_s * flops / (peak * procs.world)
-                if log_metrics and procs.rank == 0:
-                    log_metrics(summary, step)
-            if step % train.checkpoint_every == 0 or step == train.steps:
-                checkpoint()
-            if progress and procs.rank == 0:
-                progress(step, train.steps)
+    train_loop(
+        train,
+        TrainState({"model": model}, {"optimizer": optimizer}),
+        train_step,
+        out / CHECKPOINTS,
+        # The whole model section and what the tokenizers fix, as `save_pretrained` writes.
+        architecture={"parti": dataclasses.asdict(config), "dims": dataclasses.asdict(dims)},
+        resume=resume,
+        log_every=train.log_every,
+        schedule="wsd",
+        log_metrics=log_metrics,
+        throughput=throughput,
+        progress=progress,
+        processes=procs,
+    )
     model.eval()
     if procs.rank == 0:
         model.save_pretrained(out / MODEL)
     procs.barrier()
     return model
-
-
-def _resume_from(procs: _Processes, folder: Path) -> tuple[Path, dict, dict]:
-    """The newest good checkpoint, chosen by rank 0 (which sets bad ones aside) for all."""
-    found: tuple[Path, dict, dict] | None = None
-    error = None
-    if procs.rank == 0:
-        try:
-            found = latest_checkpoint(folder)
-        except CheckpointError as err:
-            error = str(err)
-    path, error = procs.share((found[0] if found else None, error))
-    if error:
-        raise CheckpointError(error)
-    return found if found else (path, *load_checkpoint(path))
 
 
 def _chunks(

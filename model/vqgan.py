@@ -1,10 +1,11 @@
 """The image tokenizer: a VQGAN with ViT-VQGAN's factorised, l2-normalised codebook.
 
-Esser et al. 2021 (VQGAN: conv encoder/decoder, PatchGAN hinge loss) and Yu et al.
-2021 (ViT-VQGAN: Transformer encoder/decoder; codes looked up in a low-dimensional,
-l2-normalised space, which keeps the codebook used). The quantiser
-(`model/quantizer.py`) has a cosine-similarity codebook, projection to `codebook_dim`,
-k-means init, EMA updates and dead-code re-seeding.
+Esser et al. 2021 (VQGAN: PatchGAN hinge loss) and Yu et al. 2021 (ViT-VQGAN:
+Transformer encoder/decoder; codes looked up in a low-dimensional, l2-normalised space,
+which keeps the codebook used). Two architectures: `patch`, an encoder over each code's
+own pixels (and its neighbours') and a conv decoder at the code grid; `vit`, ViT-VQGAN's
+Transformers. The quantiser (`model/quantizer.py`) has a cosine-similarity codebook,
+projection to `codebook_dim`, k-means init, EMA updates and dead-code re-seeding.
 
 Images are float tensors in [-1, 1], (B, 3, H, W); codes are int64 (B, h, w) with
 h = H / downsample.
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parti_ops.model.config import ImageTokenizerConfig
+from parti_ops.model.errors import ModelFolderError
 from parti_ops.model.quantizer import FactorizedQuantizer
 
 WEIGHTS = "model.safetensors"
@@ -58,28 +59,6 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.skip(x) + self.body(x)
-
-
-def _widths(cfg: ImageTokenizerConfig) -> list[int]:
-    """Conv width at each resolution, full to coarsest: doubled per halving, at most 4x."""
-    levels = int(math.log2(cfg.downsample))
-    return [cfg.channels * min(2**i, 4) for i in range(levels + 1)]
-
-
-class ConvEncoder(nn.Module):
-    def __init__(self, cfg: ImageTokenizerConfig):
-        super().__init__()
-        widths = _widths(cfg)
-        layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, padding=1)]
-        for here, there in zip(widths, widths[1:], strict=False):
-            layers += [ResBlock(here, here) for _ in range(cfg.res_blocks)]
-            layers.append(nn.Conv2d(here, there, 4, stride=2, padding=1))  # halve H and W
-        layers += [ResBlock(widths[-1], widths[-1]), _norm(widths[-1]), nn.SiLU()]
-        layers.append(nn.Conv2d(widths[-1], cfg.latent_dim, 1))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images)  # (B, latent_dim, h, w)
 
 
 class PatchEncoder(nn.Module):
@@ -159,24 +138,6 @@ class _ReplicatePadConv(nn.Conv2d):
         x = torch.cat([x[:, :, :1], x, x[:, :, -1:]], dim=2)
         x = torch.cat([x[..., :1], x, x[..., -1:]], dim=3)
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
-
-
-class ConvDecoder(nn.Module):
-    def __init__(self, cfg: ImageTokenizerConfig):
-        super().__init__()
-        widths = _widths(cfg)[::-1]
-        layers: list[nn.Module] = [
-            nn.Conv2d(cfg.latent_dim, widths[0], 3, padding=1),
-            ResBlock(widths[0], widths[0]),
-        ]
-        for here, there in zip(widths, widths[1:], strict=False):
-            layers += [nn.Upsample(scale_factor=2.0), nn.Conv2d(here, there, 3, padding=1)]
-            layers += [ResBlock(there, there) for _ in range(cfg.res_blocks)]
-        layers += [_norm(widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], 3, 3, padding=1)]
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.net(latents)  # (B, 3, H, W)
 
 
 class GridDecoder(nn.Module):
@@ -266,10 +227,8 @@ class VQGAN(nn.Module):
         if config.architecture == "vit":
             self.encoder: nn.Module = ViTEncoder(config, image_size)
             self.decoder: nn.Module = ViTDecoder(config, image_size)
-        elif config.architecture == "patch":
-            self.encoder, self.decoder = PatchEncoder(config), GridDecoder(config)
         else:
-            self.encoder, self.decoder = ConvEncoder(config), ConvDecoder(config)
+            self.encoder, self.decoder = PatchEncoder(config), GridDecoder(config)
         self.quantizer = FactorizedQuantizer(
             dim=config.latent_dim,
             codebook_size=config.codebook_size,
@@ -279,7 +238,6 @@ class VQGAN(nn.Module):
             dead_code_threshold=config.dead_code_threshold,
             commitment_weight=config.commitment_weight,
             out_scale=config.codebook_dim**0.5 if config.scaled_lookup else 1.0,
-            rotation_trick=config.rotation_trick,
         )
 
     def encode(
@@ -377,11 +335,11 @@ class VQGAN(nn.Module):
         folder = Path(path)
         try:
             body = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
-            config = ImageTokenizerConfig(**{**EARLIER, **body["image_tokenizer"]})
+            config = ImageTokenizerConfig.from_dict({**EARLIER, **body["image_tokenizer"]})
             model = cls(config=config, image_size=int(body["image_size"]))
             model.load_state_dict(load_file(folder / WEIGHTS))
         except (OSError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as err:
-            raise ValueError(
+            raise ModelFolderError(
                 f"{folder}: not a usable image tokenizer folder ({err}); "
                 "point at the output of `parti tokenizer image train`"
             ) from err

@@ -8,96 +8,45 @@ run stopped by SIGTERM and resumed equals an uninterrupted one, bit for bit.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import logging
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from parti_ops.model.checkpoint import (
-    PREEMPTED_EXIT_CODE,
-    StopOnSigterm,
-    check_same_config,
-    latest_checkpoint,
-    optimizer_tensors,
-    refuse_to_overwrite,
-    restore_optimizer,
-    save_checkpoint,
-)
 from parti_ops.model.config import ImageTokenizerConfig
-from parti_ops.model.scenes import Scene, compare, heldout_pairs, read_scene
-from parti_ops.model.schedule import batch_indices, lr_factor
-from parti_ops.model.vqgan import (
-    EARLIER,
-    VQGAN,
-    PatchDiscriminator,
-    PerceptualLoss,
-    to_uint8,
-    to_unit,
+from parti_ops.model.layout import CHECKPOINTS
+from parti_ops.model.loop import (
+    MetricsLogger,
+    Progress,
+    TrainState,
+    arch_fields,
+    train_loop,
 )
-
-log = logging.getLogger(__name__)
-
-CHECKPOINTS = "checkpoints"
-# Fields that shape the weights: a checkpoint made with others cannot be resumed.
-MODEL_FIELDS = {
-    "architecture", "downsample", "channels", "res_blocks", "encoder_context", "vit_depth",
-    "vit_heads", "latent_dim", "codebook_size", "codebook_dim", "disc_channels", "image_size",
-}  # fmt: skip
-MetricsLogger = Callable[[dict[str, float], int], None]
+from parti_ops.model.scenes import Scene, compare, heldout_pairs, read_scene
+from parti_ops.model.schedule import batch_indices
+from parti_ops.model.vqgan import VQGAN, PatchDiscriminator, PerceptualLoss, to_uint8, to_unit
 
 
-class _State:
-    """Everything a checkpoint holds, and how it goes to and from tensors + JSON."""
+class _Networks:
+    """The VQGAN, the discriminator and their optimisers."""
 
     def __init__(self, config: ImageTokenizerConfig, image_size: int, device: torch.device):
         torch.manual_seed(config.seed)
-        self.config, self.image_size = config, image_size
+        self.config = config
         self.model = VQGAN(config=config, image_size=image_size).to(device)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.disc = PatchDiscriminator(config.disc_channels).to(device)
         # Adam with beta1 = 0.5, as VQGAN and ViT-VQGAN train their GANs.
         self.opt_g = torch.optim.Adam(self.model.parameters(), lr=config.lr, betas=(0.5, 0.9))
         self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=config.lr, betas=(0.5, 0.9))
-        self.step = 0
 
-    def fingerprint(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self.config), "image_size": self.image_size}
-
-    def tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        tensors |= {f"ema.{k}": v for k, v in self.ema.state_dict().items()}
-        tensors |= {f"disc.{k}": v for k, v in self.disc.state_dict().items()}
-        g_tensors, g_meta = optimizer_tensors("opt_g", self.opt_g)
-        d_tensors, d_meta = optimizer_tensors("opt_d", self.opt_d)
-        tensors |= g_tensors | d_tensors | {"rng.torch": torch.get_rng_state()}
-        meta = {"config": self.fingerprint(), "opt_g": g_meta, "opt_d": d_meta}
-        return tensors, meta
-
-    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        for prefix, module in (("model.", self.model), ("ema.", self.ema), ("disc.", self.disc)):
-            part = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            module.load_state_dict(part)
-        restore_optimizer("opt_g", self.opt_g, tensors, meta["opt_g"])
-        restore_optimizer("opt_d", self.opt_d, tensors, meta["opt_d"])
-        torch.set_rng_state(tensors["rng.torch"])
-        self.step = int(meta["step"])
-
-    @torch.no_grad()
-    def update_ema(self) -> None:
-        """EMA of the weights; buffers (the codebook, itself an EMA) are copied as they are."""
-        decay = self.config.ema_decay
-        for ema, live in zip(self.ema.parameters(), self.model.parameters(), strict=True):
-            ema.lerp_(live, 1 - decay) if decay else ema.copy_(live)
-        for ema, live in zip(self.ema.buffers(), self.model.buffers(), strict=True):
-            ema.copy_(live)
+    def state(self) -> TrainState:
+        """What a checkpoint holds, torch's random state too: k-means and dead-code
+        re-seeding draw from it."""
+        modules = {"model": self.model, "disc": self.disc}
+        return TrainState(modules, {"opt_g": self.opt_g, "opt_d": self.opt_d}, rng=True)
 
 
 def train_vqgan(
@@ -108,9 +57,9 @@ def train_vqgan(
     resume: bool = False,
     log_metrics: MetricsLogger | None = None,
     log_every: int = 50,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> VQGAN:
-    """Train on uint8 images (N, H, W, 3); returns the EMA model, also saved to `out_dir`.
+    """Train on uint8 images (N, H, W, 3); returns the model, also saved to `out_dir`.
 
     Checkpoints go to `out_dir/checkpoints` every `checkpoint_every` steps, at the end,
     and on SIGTERM (then SystemExit with code 143).
@@ -130,7 +79,6 @@ def train_vqgan(
             f" side is a multiple of image_tokenizer.downsample={config.downsample}"
         )
     out = Path(out_dir)
-    ckpt_dir = out / CHECKPOINTS
     # A GPU when there is one; bit-identical resumes are promised on CPU (the CUDA
     # generator and kernels are not checkpointed).
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -138,62 +86,36 @@ def train_vqgan(
     # the random stream that a resumed run continues.
     perceptual = PerceptualLoss(config.perceptual_model) if config.perceptual_model else None
     perceptual = perceptual.to(device) if perceptual else None
-    state = _State(config, size, device)
-    if resume:
-        path, tensors, meta = latest_checkpoint(ckpt_dir)
-        # A field added since the checkpoint was made reads as its earlier behaviour.
-        saved = {**dataclasses.asdict(ImageTokenizerConfig()), **EARLIER, **meta["config"]}
-        check_same_config(saved, state.fingerprint(), MODEL_FIELDS, path)
-        state.restore(tensors, meta)
-        log.info("resumed from %s (step %d of %d)", path, state.step, config.steps)
-    else:
-        refuse_to_overwrite(ckpt_dir)
+    nets = _Networks(config, size, device)
     if config.compile:
-        state.model.encoder.compile()
-        state.model.decoder.compile()
+        nets.model.encoder.compile()
+        nets.model.decoder.compile()
 
-    def checkpoint() -> Path:
-        tensors, meta = state.tensors()
-        return save_checkpoint(ckpt_dir, state.step, tensors, meta, keep=config.keep_checkpoints)
+    def train_step(step: int) -> dict[str, float]:
+        rows = batch_indices(step, config.batch_size, len(images), config.seed)
+        batch = to_unit(images[rows].to(device, non_blocking=True))
+        quantize = step >= int(config.quantize_after * config.steps)
+        if quantize and config.kmeans_init and not bool(nets.model.quantizer.initted):
+            _fit_codebook(nets.model, images, config, device)
+        return _vqgan_step(nets, batch, perceptual, gan=step >= config.gan_start, quantize=quantize)
 
-    state.model.train(), state.disc.train()
-    history: dict[str, list[float]] = {}
-    started, seen_at_start = time.perf_counter(), state.step
-    with StopOnSigterm() as stop:
-        while state.step < config.steps:
-            if stop.requested:
-                log.warning("preempted at step %d: checkpoint %s", state.step, checkpoint())
-                raise SystemExit(PREEMPTED_EXIT_CODE)
-            step = state.step
-            for opt in (state.opt_g, state.opt_d):
-                for group in opt.param_groups:
-                    group["lr"] = config.lr * lr_factor(step, config)
-            rows = batch_indices(step, config.batch_size, len(images), config.seed)
-            batch = to_unit(images[rows].to(device, non_blocking=True))
-            quantize = step >= int(config.quantize_after * config.steps)
-            if quantize and config.kmeans_init and not bool(state.model.quantizer.initted):
-                _fit_codebook(state.model, images, config, device)
-            metrics = _train_step(
-                state, batch, perceptual, gan=step >= config.gan_start, quantize=quantize
-            )
-            state.update_ema()
-            state.step += 1
-            for key, value in metrics.items():
-                history.setdefault(key, []).append(value)
-            if state.step % log_every == 0 or state.step == config.steps:
-                summary = {k: float(np.mean(v)) for k, v in history.items()}
-                elapsed = time.perf_counter() - started
-                summary["images_per_s"] = (state.step - seen_at_start) * config.batch_size / elapsed
-                summary["lr"] = config.lr * lr_factor(step, config)
-                if log_metrics:
-                    log_metrics(summary, state.step)
-                history.clear()
-            if state.step % config.checkpoint_every == 0 or state.step == config.steps:
-                checkpoint()
-            if progress:
-                progress(state.step, config.steps)
-    state.ema.eval().save_pretrained(out)
-    return state.ema
+    nets.model.train(), nets.disc.train()
+    train_loop(
+        config,
+        nets.state(),
+        train_step,
+        out / CHECKPOINTS,
+        architecture={"image_size": size, **arch_fields(config)},
+        resume=resume,
+        log_every=log_every,
+        log_metrics=log_metrics,
+        throughput=lambda steps_per_s: {"images_per_s": steps_per_s * config.batch_size},
+        progress=progress,
+    )
+    nets.model.eval().save_pretrained(out)
+    if config.compile:  # the saved weights in an eager model, as encoding will run them
+        return VQGAN.from_pretrained(out).to(device)
+    return nets.model
 
 
 def edge_weights(images: torch.Tensor, extra: float) -> torch.Tensor:
@@ -222,21 +144,20 @@ def _fit_codebook(
     model.quantizer.kmeans_init(torch.cat(vectors))
 
 
-def _train_step(
-    state: _State,
+def _vqgan_step(
+    nets: _Networks,
     x: torch.Tensor,
     perceptual: PerceptualLoss | None,
     *,
     gan: bool,
     quantize: bool = True,
 ) -> dict[str, float]:
-    cfg, model, disc = state.config, state.model, state.disc
+    cfg, model, disc = nets.config, nets.model, nets.disc
     recon, codes, commit = model(x, quantize)
     weight = edge_weights(x, cfg.edge_weight) if cfg.edge_weight else 1.0
-    l1 = ((recon - x).abs() * weight).mean()
     l2 = ((recon - x).pow(2) * weight).mean()
-    nll = cfg.l1_weight * l1 + cfg.l2_weight * l2
-    metrics = {"loss/l1": l1.item(), "loss/l2": l2.item()}
+    nll = cfg.l2_weight * l2
+    metrics = {"loss/l2": l2.item()}
     if perceptual is not None and cfg.perceptual_weight:
         nll = nll + cfg.perceptual_weight * perceptual(recon, x)
     loss = nll + commit
@@ -252,16 +173,16 @@ def _train_step(
         d_weight = (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0, 1e4).detach()
         loss = loss + cfg.gan_weight * d_weight * g_loss
         metrics |= {"loss/g": g_loss.item(), "gan/adaptive_weight": d_weight.item()}
-    state.opt_g.zero_grad(set_to_none=True)
+    nets.opt_g.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    state.opt_g.step()
+    nets.opt_g.step()
     if gan and cfg.gan_weight:
         real, fake = disc(x), disc(recon.detach())
         d_loss = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
-        state.opt_d.zero_grad(set_to_none=True)
+        nets.opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
-        state.opt_d.step()
+        nets.opt_d.step()
         metrics["loss/d"] = d_loss.item()
     used = codes.unique().numel() / cfg.codebook_size
     metrics |= {"loss/total": loss.item(), "codebook/batch_usage": used}

@@ -31,6 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from parti_ops.components.ops import CONFIG_SECTIONS
 from parti_ops.components.progress import parse_progress
+from parti_ops.model.errors import PartiError
 
 TAIL_LINES = 20
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -38,7 +39,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _KFP_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} - (INFO|WARNING|ERROR) - ")
 
 
-class StepFailed(RuntimeError):
+class StepFailed(PartiError, RuntimeError):
     """A pipeline step failed: which one, the end of its log and where the whole log is."""
 
     def __init__(self, step: str, log_path: Path, tail: list[str]) -> None:

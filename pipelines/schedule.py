@@ -21,11 +21,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from parti_ops.model.config import Config
+from parti_ops.model.errors import PartiError
 
 if TYPE_CHECKING:
     from rich.console import Console
 
 log = logging.getLogger(__name__)
+
+
+class ScheduleError(PartiError, ValueError):
+    """A recurring run that cannot be created as asked; the message says what to change."""
 
 
 def data_digest(config: Config, source: str | Path | None) -> str:
@@ -126,7 +131,7 @@ def cron_fields(cron: str) -> str:
         return "0 " + " ".join(fields)
     if len(fields) == 6:
         return " ".join(fields)
-    raise ValueError(f"cron {cron!r}: give 5 fields (min hour day month weekday) or 6")
+    raise ScheduleError(f"cron {cron!r}: give 5 fields (min hour day month weekday) or 6")
 
 
 def schedule(

@@ -67,10 +67,10 @@ def prepare():
             "image": root / "image",
             "encoded": root / "encoded",
         }
-        text_tokenizer_step(config.to_json(), "", str(accepted), str(paths["text"]))
-        image_tokenizer_step(config.to_json(), "", str(accepted), str(paths["image"]))
+        text_tokenizer_step(config, "", str(accepted), str(paths["text"]))
+        image_tokenizer_step(config, "", str(accepted), str(paths["image"]))
         encode_step(
-            config.to_json(), "", str(accepted), str(paths["text"]), str(paths["image"]),
+            config, "", str(accepted), str(paths["text"]), str(paths["image"]),
             str(paths["encoded"]),
         )  # fmt: skip
         return paths
@@ -101,7 +101,7 @@ def train_bundle(inputs):
         work = out.with_name(out.name + ".work")
         config = Config.load("tiny", overrides={**SMALL, "work_dir": str(work), **overrides})
         return train_step(
-            config.to_json(), "", str(inputs["encoded"]), str(inputs["text"]),
+            config, "", str(inputs["encoded"]), str(inputs["text"]),
             str(inputs["image"]), str(out),
         )  # fmt: skip
 

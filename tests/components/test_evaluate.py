@@ -17,9 +17,9 @@ from parti_ops.components.evaluate import (
     evaluate_bundle,
     evaluation_key,
 )
+from parti_ops.components.loaders import load_captioned, load_pairs
 from parti_ops.components.scorer import REPORT as SCORER_REPORT
 from parti_ops.components.scorer import near_miss_captions, scorer_step
-from parti_ops.components.tokenizers import load_captioned, load_pairs
 from parti_ops.model.config import Config
 from parti_ops.model.generate import TextToImage
 from parti_ops.model.scenes import NEAR_MISSES
@@ -48,7 +48,7 @@ def setup(tmp_path_factory, inputs, small, train_bundle):
     root = tmp_path_factory.mktemp("evaluate")
     config = Config.load("tiny", overrides={**small, **SCORER, "work_dir": str(root / "work")})
     report = scorer_step(
-        config.to_json(), "", str(inputs["accepted"]), str(inputs["text"]), str(root / "scorer")
+        config, "", str(inputs["accepted"]), str(inputs["text"]), str(root / "scorer")
     )
     train_bundle(root / "bundle")
     return {"config": config, "root": root, "scorer": root / "scorer", "report": report}
@@ -168,7 +168,7 @@ def test_bad_inputs_get_clear_errors(setup, inputs, tmp_path, small):
         FeatureModel.load(tmp_path)
     config = Config.load("tiny", overrides={**small, **SCORER, "work_dir": str(tmp_path / "w")})
     with pytest.raises(FileNotFoundError, match="no manifest; point at a folder written by"):
-        scorer_step(config.to_json(), "", str(tmp_path), str(inputs["text"]), str(tmp_path / "s"))
+        scorer_step(config, "", str(tmp_path), str(inputs["text"]), str(tmp_path / "s"))
 
 
 def _parti(*args: str) -> subprocess.CompletedProcess:
@@ -251,8 +251,8 @@ def test_a_local_hugging_face_clip_replaces_the_scorer_everywhere(setup, inputs)
 
 def test_choosing_a_setting_reads_validation_only(setup, inputs, monkeypatch):
     import parti_ops.components.evaluate as evaluate_module
+    from parti_ops.components.loaders import iter_split
     from parti_ops.components.registry import decide
-    from parti_ops.components.tokenizers import iter_split
 
     read: list[str] = []
 

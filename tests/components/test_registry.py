@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from parti_ops.components.encode import read_encoded_manifest
+from parti_ops.components.loaders import read_encoded_manifest
+from parti_ops.components.register import bundle_lineage, register_step
 from parti_ops.components.registry import (
     CHALLENGER,
     CHAMPION,
@@ -21,12 +22,10 @@ from parti_ops.components.registry import (
     FOLLOWING,
     PREVIOUS,
     RegistryError,
-    bundle_lineage,
     decide,
     download_bundle,
     load_evaluation,
     promote,
-    register_step,
 )
 from parti_ops.model.config import Config, ConfigError, RegistryConfig
 
@@ -86,7 +85,7 @@ def config_for(store, small):
 def register(config, bundle, inputs, tmp_path, tag, body, reevaluate=None) -> dict:
     evaluated = write_evaluation(tmp_path / f"eval-{tag}", body)
     return register_step(
-        config.to_json(), "", str(bundle), str(evaluated), str(inputs["encoded"]),
+        config, "", str(bundle), str(evaluated), str(inputs["encoded"]),
         str(tmp_path / f"gate-{tag}"), reevaluate=reevaluate,
     )  # fmt: skip
 

@@ -43,7 +43,7 @@ def test_steps_that_need_no_torch_do_not_load_it():
         "import sys\n"
         "from parti_ops.components.serve import smoke_test_step\n"
         "from parti_ops.components.tokenizers import text_tokenizer_step\n"
-        "from parti_ops.components.registry import register_step\n"
+        "from parti_ops.components.register import register_step\n"
         "import parti_ops.model.text_tokenizer\n"
         "print('torch' in sys.modules, 'torchmetrics' in sys.modules)"
     )

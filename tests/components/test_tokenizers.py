@@ -15,23 +15,22 @@ from mlflow import MlflowClient
 from PIL import Image
 from transformers import AutoTokenizer
 
-from parti_ops.components.encode import EncodedFormatError, encode_step, load_encoded
+from parti_ops.components.encode import encode_step
 from parti_ops.components.ingest import ingest
+from parti_ops.components.loaders import EncodedFormatError, decode_png, load_encoded
 from parti_ops.components.shards import iter_shards
 from parti_ops.components.synth import synthesize
 from parti_ops.components.tokenizers import (
     GRID,
-    IMAGE_FILES,
     IMAGE_REPORT,
-    TEXT_FILES,
-    decode_png,
     image_tokenizer_step,
     text_tokenizer_step,
 )
 from parti_ops.components.validate import validate
 from parti_ops.components.versioning import files_digest
-from parti_ops.model.checkpoint import PREEMPTED_EXIT_CODE, list_checkpoints
+from parti_ops.model.checkpoint import list_checkpoints
 from parti_ops.model.config import Config
+from parti_ops.model.layout import IMAGE_TOKENIZER_FILES, PREEMPTED_EXIT_CODE, TEXT_TOKENIZER_FILES
 from parti_ops.model.vqgan import VQGAN, to_unit
 
 SMALL_VQGAN = {
@@ -71,9 +70,9 @@ def test_steps_train_both_tokenizers_and_encode_every_accepted_row(tmp_path, acc
         },
     )
     text, image, encoded = tmp_path / "text", tmp_path / "image", tmp_path / "encoded"
-    text_report = text_tokenizer_step(config.to_json(), "", str(accepted), str(text))
-    heldout = image_tokenizer_step(config.to_json(), "", str(accepted), str(image))
-    manifest = encode_step(config.to_json(), "", str(accepted), str(text), str(image), str(encoded))
+    text_report = text_tokenizer_step(config, "", str(accepted), str(text))
+    heldout = image_tokenizer_step(config, "", str(accepted), str(image))
+    manifest = encode_step(config, "", str(accepted), str(text), str(image), str(encoded))
 
     tokenizer = AutoTokenizer.from_pretrained(text, local_files_only=True)
     assert text_report["vocab_size"] == len(tokenizer) and text_report["train_captions"] > 0
@@ -87,8 +86,8 @@ def test_steps_train_both_tokenizers_and_encode_every_accepted_row(tmp_path, acc
     splits = json.loads((accepted / "manifest.json").read_text())["splits"]
     assert {k: v["rows"] for k, v in manifest["splits"].items()} == splits
     assert manifest["grid"] == [8, 8] and manifest["codebook_size"] == 64
-    assert manifest["text_tokenizer"]["digest"] == files_digest(text, TEXT_FILES)
-    assert manifest["image_tokenizer"]["digest"] == files_digest(image, IMAGE_FILES)
+    assert manifest["text_tokenizer"]["digest"] == files_digest(text, TEXT_TOKENIZER_FILES)
+    assert manifest["image_tokenizer"]["digest"] == files_digest(image, IMAGE_TOKENIZER_FILES)
     assert manifest["truncated_captions"] > 0
 
     rows = [t for t in iter_shards(accepted, ["row_id", "split", "caption", "image"])]
@@ -115,7 +114,7 @@ def test_steps_train_both_tokenizers_and_encode_every_accepted_row(tmp_path, acc
     trained = runs["image-tokenizer"]
     assert trained.data.tags["image_tokenizer.digest"] == manifest["image_tokenizer"]["digest"]
     assert trained.data.metrics["heldout/psnr"] == pytest.approx(heldout["psnr"])
-    history = client.get_metric_history(trained.info.run_id, "loss/l1")
+    history = client.get_metric_history(trained.info.run_id, "loss/l2")
     assert [m.step for m in history] == [8]  # log_every=50 > steps: logged at the end
     assert runs["encode"].data.metrics["rows"] == manifest["rows"]
 
@@ -123,9 +122,9 @@ def test_steps_train_both_tokenizers_and_encode_every_accepted_row(tmp_path, acc
 def test_encoded_shards_are_checked_when_loaded(tmp_path, accepted):
     config = _config(tmp_path, **{"image_tokenizer.steps": 2})
     text, image, encoded = tmp_path / "text", tmp_path / "image", tmp_path / "encoded"
-    text_tokenizer_step(config.to_json(), "", str(accepted), str(text))
-    image_tokenizer_step(config.to_json(), "", str(accepted), str(image))
-    encode_step(config.to_json(), "", str(accepted), str(text), str(image), str(encoded))
+    text_tokenizer_step(config, "", str(accepted), str(text))
+    image_tokenizer_step(config, "", str(accepted), str(image))
+    encode_step(config, "", str(accepted), str(text), str(image), str(encoded))
     with pytest.raises(EncodedFormatError, match="no split 'holdout'"):
         load_encoded(encoded, "holdout")
     shard = next(encoded.glob("validation-*.safetensors"))

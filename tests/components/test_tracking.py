@@ -61,11 +61,11 @@ def test_a_step_finds_the_parent_run_of_its_kfp_run_from_its_environment(
     parent = start_pipeline_run(config, run_name="r", pipeline_run_id="kfp-7")
     start_pipeline_run(config, run_name="other", pipeline_run_id="kfp-8")
     monkeypatch.delenv(PIPELINE_RUN_ENV, raising=False)
-    assert pipeline_parent_run(config.to_json()) == ""  # not a step of a pipeline run
+    assert pipeline_parent_run(config) == ""  # not a step of a pipeline run
 
     monkeypatch.setenv(PIPELINE_RUN_ENV, "kfp-7")
-    assert pipeline_parent_run(config.to_json()) == parent
+    assert pipeline_parent_run(config) == parent
 
     monkeypatch.setenv(PIPELINE_RUN_ENV, "kfp-unknown")
-    assert pipeline_parent_run(config.to_json()) == ""
+    assert pipeline_parent_run(config) == ""
     assert "no MLflow parent run for kfp run kfp-unknown" in caplog.text

@@ -13,9 +13,10 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from parti_ops.components.train import REPORT, SAMPLES, TrainError, train_step
-from parti_ops.model.checkpoint import PREEMPTED_EXIT_CODE, list_checkpoints
+from parti_ops.model.checkpoint import list_checkpoints
 from parti_ops.model.config import Config
 from parti_ops.model.generate import TextToImage
+from parti_ops.model.layout import PREEMPTED_EXIT_CODE
 
 
 def test_two_torchrun_processes_match_one_process_with_the_same_global_batch(
@@ -67,7 +68,7 @@ def test_data_encoded_with_another_tokenizer_is_refused(tmp_path, inputs, small)
     ):
         with pytest.raises(TrainError, match=message):
             train_step(
-                config.to_json(), "", str(inputs["encoded"]), str(text), str(inputs["image"]),
+                config, "", str(inputs["encoded"]), str(text), str(inputs["image"]),
                 str(tmp_path / "out"),
             )  # fmt: skip
 

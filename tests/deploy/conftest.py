@@ -125,7 +125,7 @@ def faithful(small, prepare, tmp_path_factory) -> dict:
     _write_scenes(root / "raw", config.data.image_size)
     paths = {k: str(v) for k, v in prepare(config, root / "raw", root).items()}
     train_step(
-        config.to_json(), "", paths["encoded"], paths["text"], paths["image"], str(root / "bundle")
+        config, "", paths["encoded"], paths["text"], paths["image"], str(root / "bundle")
     )  # fmt: skip
     export_onnx(root / "bundle", root / "onnx", config.export)
     return {"dir": root / "onnx", "scenes": FAITHFUL_SCENES}

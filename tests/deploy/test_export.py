@@ -8,7 +8,7 @@ import onnx
 import pytest
 import torch
 
-from parti_ops.deploy.onnx import GRAPHS, INT8, ExportError, check_parity
+from parti_ops.deploy.onnx import ExportError, check_parity
 from parti_ops.deploy.runtime import OnnxTextToImage, RequestError, check_settings, sample_logits
 from parti_ops.deploy.triton import (
     RepositoryError,
@@ -19,8 +19,9 @@ from parti_ops.deploy.triton import (
     set_served_version,
     write_config,
 )
-from parti_ops.model.config import SampleConfig
+from parti_ops.model.config import ConfigError, SampleConfig, sampling_rules
 from parti_ops.model.generate import TextToImage
+from parti_ops.model.layout import GRAPHS, INT8
 from parti_ops.model.sampling import generate_codes
 
 
@@ -39,14 +40,18 @@ def test_export_is_exact(exported, deploy_config):
     assert json.loads((exported["dir"] / "parity.json").read_text()) == report
 
 
-def test_runtime_defaults_are_the_sampling_defaults():
-    # The runtime ships into the Triton repository without parti_ops, so it restates the
-    # sampling defaults; a served request that leaves a setting out gets export.json's.
-    # (`generate_codes` reads them from SampleConfig; checked alongside all the same.)
-    for method in (OnnxTextToImage.__call__, OnnxTextToImage.generate_codes, generate_codes):
+DEFAULTS = SampleConfig().sampling_kwargs()
+
+
+def test_sampling_defaults_are_written_once():
+    # The runtime ships into the Triton repository without parti_ops: it keeps no defaults
+    # of its own, and a served request that leaves a setting out gets export.json's.
+    for method in (OnnxTextToImage.__call__, OnnxTextToImage.generate_codes):
         params = inspect.signature(method).parameters
-        for name in ("guidance_scale", "temperature", "top_k", "top_p"):
-            assert params[name].default == getattr(SampleConfig(), name), (method, name)
+        for name in DEFAULTS:
+            assert params[name].default is inspect.Parameter.empty, (method, name)
+    params = inspect.signature(generate_codes).parameters
+    assert {name: params[name].default for name in DEFAULTS} == DEFAULTS
 
 
 def test_parity_check_catches_a_different_model(exported, train_bundle, deploy_config, tmp_path):
@@ -69,7 +74,7 @@ def test_dynamic_axes_batch_and_past_length(exported, bundle):
         model.parti, ids, mask, seeds, guidance_scale=1.0, temperature=0, null=null
     )
     got = runtime.generate_codes(ort_ids, ort_mask, ort_null, seeds, guidance_scale=1.0,
-                                 temperature=0.0)  # fmt: skip
+                                 temperature=0.0, top_k=0, top_p=1.0)  # fmt: skip
     assert np.array_equal(got, expected.numpy())
 
 
@@ -100,12 +105,14 @@ def test_int8_variant_is_measured_and_smaller(exported, deploy_config):
 def test_same_seed_same_image_and_sampling_settings(exported):
     runtime = OnnxTextToImage.load(exported["dir"])
     prompts = ["a large blue star at the top", "a small green cross on the right"]
-    first, codes = runtime(prompts, seeds=[3, 4], temperature=1.0, top_k=20, top_p=0.9)
-    again, codes_again = runtime(prompts, seeds=[3, 4], temperature=1.0, top_k=20, top_p=0.9)
-    other, _ = runtime(prompts, seeds=[5, 6], temperature=1.0, top_k=20, top_p=0.9)
+    first, codes = runtime(prompts, seeds=[3, 4], **{**DEFAULTS, "top_k": 20, "top_p": 0.9})
+    again, codes_again = runtime(prompts, seeds=[3, 4], **{**DEFAULTS, "top_k": 20, "top_p": 0.9})
+    other, _ = runtime(prompts, seeds=[5, 6], **{**DEFAULTS, "top_k": 20, "top_p": 0.9})
     assert first.shape == (2, *runtime.image_shape) and first.dtype == np.uint8
     assert np.array_equal(first, again) and np.array_equal(codes, codes_again)
-    assert not np.array_equal(codes, runtime(prompts, seeds=[5, 6], top_k=20, top_p=0.9)[1])
+    assert not np.array_equal(
+        codes, runtime(prompts, seeds=[5, 6], **{**DEFAULTS, "top_k": 20, "top_p": 0.9})[1]
+    )
     assert other.shape == first.shape
 
 
@@ -133,32 +140,42 @@ def test_cancelled_rows_stop_and_the_rest_finish(exported):
     runtime = OnnxTextToImage.load(exported["dir"])
     prompts = ["a red circle", "a blue square", "a green star"]
     ids, mask, null = runtime.encode_prompts(prompts)
-    full = runtime.generate_codes(ids, mask, null, [1, 2, 3])
+    full = runtime.generate_codes(ids, mask, null, [1, 2, 3], **DEFAULTS)
     calls = []
 
     def cancelled():
         calls.append(1)
         return np.array([False, len(calls) > 3, False])
 
-    partial = runtime.generate_codes(ids, mask, null, [1, 2, 3], cancelled=cancelled)
+    partial = runtime.generate_codes(ids, mask, null, [1, 2, 3], cancelled=cancelled, **DEFAULTS)
     assert np.array_equal(partial[[0, 2]], full[[0, 2]])
     assert (partial[1].reshape(-1)[3:] == -1).all() and (partial[1].reshape(-1)[:3] >= 0).all()
 
 
 @pytest.mark.parametrize(
-    ("settings", "message"),
+    ("bad", "message"),
     [
-        ((float("nan"), 1.0, 0, 1.0, 0), "guidance_scale=nan"),
-        ((-1.0, 1.0, 0, 1.0, 0), "guidance_scale=-1.0"),
-        ((3.0, -0.5, 0, 1.0, 0), "temperature=-0.5"),
-        ((3.0, 1.0, -1, 1.0, 0), "top_k=-1"),
-        ((3.0, 1.0, 0, 1.5, 0), "top_p=1.5"),
-        ((3.0, 1.0, 0, 1.0, -1), "seed=-1"),
+        ({"guidance_scale": float("nan")}, "guidance_scale=nan"),
+        ({"guidance_scale": -1.0}, "guidance_scale=-1.0"),
+        ({"guidance_scale": float("inf")}, "guidance_scale=inf"),
+        ({"temperature": -0.5}, "temperature=-0.5"),
+        ({"top_k": -1}, "top_k=-1"),
+        ({"top_p": 1.5}, "top_p=1.5"),
+        ({"top_p": 0.0}, "top_p=0.0"),
+        ({"seed": -1}, "seed=-1"),
+        ({"seed": 2**63}, f"seed={2**63}"),
     ],
 )
-def test_bad_settings_name_the_setting(settings, message):
-    with pytest.raises(RequestError, match=message.replace(".", r"\.")):
-        check_settings(*settings)
+def test_the_server_refuses_what_the_config_refuses_in_the_same_words(bad, message):
+    """The runtime checks requests with SampleConfig's ranges, as export.json carries them."""
+    rules = json.loads(json.dumps(sampling_rules()))  # as the Triton model reads them
+    settings = {**DEFAULTS, "seed": 0, **bad}
+    with pytest.raises(RequestError, match=message.replace(".", r"\.")) as served:
+        check_settings(settings, rules)
+    with pytest.raises(ConfigError) as configured:
+        SampleConfig(**settings)
+    assert str(served.value) == str(configured.value).removeprefix("sample.")
+    check_settings({**DEFAULTS, "seed": 2**63 - 1}, rules)  # the defaults and the edge pass
 
 
 def test_repository_configs_parse_and_switch_versions(exported, deploy_config, tmp_path):

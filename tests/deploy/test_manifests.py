@@ -9,8 +9,8 @@ Triton's health paths, model-control APIs behind a key, the canary split, and a 
 entry point that is the pipeline's own.
 """
 
+import ast
 import functools
-import importlib.util
 import inspect
 import json
 import os
@@ -574,7 +574,7 @@ def test_postgres_keeps_its_data_on_a_persistent_volume():
 @pytest.mark.parametrize("name", OVERLAYS)
 def test_retraining_runs_nightly_never_two_at_once_in_the_component_image(name):
     from parti_ops.components import COMPONENT_IMAGE
-    from parti_ops.model.config import PRESETS
+    from parti_ops.model.presets import PRESETS
 
     cronjob = one(overlay(name), "CronJob", "parti-retrain")
     assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
@@ -716,15 +716,18 @@ def test_one_node_on_cpu_is_a_master_alone_without_gpus():
     assert "tolerations" not in spec
 
 
-# The launcher itself, run here with this environment's parti_ops and a stand-in torchrun.
+# The launcher itself (deploy/training_job.py's pod_main over deploy/torchrun.py), run here
+# with this environment's parti_ops and a stand-in torchrun.
 
 
-@pytest.fixture(scope="module")
-def launch():
-    spec = importlib.util.spec_from_file_location("launch", TRAINING / "launch.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def test_the_shipped_launcher_only_calls_pod_main(tmp_path):
+    """launch.py (the ConfigMap) holds no logic of its own: it is the pod side of the job."""
+    tree = ast.parse((TRAINING / "launch.py").read_text(encoding="utf-8"))
+    imports = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert [(n.module, [a.name for a in n.names]) for n in imports] == [
+        ("parti_ops.deploy.training_job", ["pod_main"])
+    ]
+    assert not [n for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)]
 
 
 def _job_env(shared: Path, job_name: str = "parti-train") -> dict[str, str]:
@@ -740,13 +743,15 @@ def _job_env(shared: Path, job_name: str = "parti-train") -> dict[str, str]:
     return env
 
 
-def test_the_launcher_writes_what_the_train_entry_point_reads(launch, tmp_path):
+def test_the_launcher_writes_what_the_train_entry_point_reads(tmp_path):
     from parti_ops.components.train import train_step
+    from parti_ops.deploy.training_job import launch_arguments
     from parti_ops.model.config import Config
 
-    arguments = launch.launch_arguments(_job_env(tmp_path))
+    arguments = launch_arguments(_job_env(tmp_path))
     parameters = inspect.signature(train_step).parameters
-    assert set(arguments) == set(parameters)
+    # The config crosses into the torchrun processes as JSON; `main` parses it into `config`.
+    assert set(arguments) - {"config_json"} == set(parameters) - {"config"}
     config = Config.from_json(arguments["config_json"])
     assert config.name == "parti-350m" and config.train.nproc == 8
     assert arguments["out_dir"] == str(tmp_path / "runs" / "parti-train" / "parti")
@@ -754,23 +759,20 @@ def test_the_launcher_writes_what_the_train_entry_point_reads(launch, tmp_path):
     checkpoints = Path(arguments["out_dir"]) / "checkpoints"
     checkpoints.mkdir(parents=True)
     (checkpoints / "step-00000250.safetensors").write_bytes(b"")
-    assert launch.launch_arguments(_job_env(tmp_path))["resume"] is True  # a restarted pod
+    assert launch_arguments(_job_env(tmp_path))["resume"] is True  # a restarted pod
 
 
-def test_the_launcher_starts_the_pipelines_entry_point_under_torchrun(launch, tmp_path):
+def test_pods_and_the_one_machine_step_start_the_same_entry_point(tmp_path, monkeypatch):
     from parti_ops.components import train
+    from parti_ops.deploy import torchrun
+    from parti_ops.model.layout import TRAIN_ENTRY
 
-    command = launch.torchrun_command(tmp_path / "launch.json")
-    assert command[1:3] == ["-m", "torch.distributed.run"]
-    assert command[3:] == ["-m", "parti_ops.components.train", str(tmp_path / "launch.json")]
-    # What the pipeline's step runs on one machine (components/train.py, _launch).
-    assert '"-m", "parti_ops.components.train"' in inspect.getsource(train._launch)
-    assert (
-        launch.PREEMPTED_EXIT_CODE
-        == __import__(
-            "parti_ops.model.checkpoint", fromlist=["PREEMPTED_EXIT_CODE"]
-        ).PREEMPTED_EXIT_CODE
-    )
+    pod = torchrun.torchrun_command(TRAIN_ENTRY, tmp_path / "launch.json")
+    assert pod[1:3] == ["-m", "torch.distributed.run"]
+    assert pod[3:] == ["-m", "parti_ops.components.train", str(tmp_path / "launch.json")]
+    assert train.__name__ == TRAIN_ENTRY  # the module torchrun starts is the step's own
+    local = torchrun.torchrun_command(TRAIN_ENTRY, tmp_path / "launch.json", nproc=2)
+    assert local[3:5] == ["--standalone", "--nproc-per-node=2"] and local[5:] == pod[3:]
 
 
 @pytest.mark.parametrize(
@@ -778,11 +780,13 @@ def test_the_launcher_starts_the_pipelines_entry_point_under_torchrun(launch, tm
     [(0, False, 0), (1, False, 1), (1, True, 143)],
     ids=["success", "failure", "checkpointed-stop"],
 )
-def test_the_launchers_exit_code(launch, tmp_path, child_code, marker, expected):
+def test_the_launchers_exit_code(tmp_path, child_code, marker, expected):
+    from parti_ops.deploy.torchrun import supervise
+
     if marker:
         (tmp_path / "preempted").write_text("preempted\n")
     child = [sys.executable, "-c", f"raise SystemExit({child_code})"]
-    assert launch.supervise(child, tmp_path / "preempted") == expected
+    assert supervise(child, tmp_path / "preempted") == expected
 
 
 def test_sigterm_reaches_torchrun_and_the_pod_exits_143(tmp_path):
@@ -798,16 +802,14 @@ def test_sigterm_reaches_torchrun_and_the_pod_exits_143(tmp_path):
         "time.sleep(60)\n"
     )
     parent = (
-        "import importlib.util, pathlib, sys\n"
-        "spec = importlib.util.spec_from_file_location('launch', sys.argv[1])\n"
-        "launch = importlib.util.module_from_spec(spec)\n"
-        "spec.loader.exec_module(launch)\n"
-        "child = [sys.executable, '-c', sys.argv[3]]\n"
-        "sys.exit(launch.supervise(child, pathlib.Path(sys.argv[2])))\n"
+        "import pathlib, sys\n"
+        "from parti_ops.deploy.torchrun import supervise\n"
+        "child = [sys.executable, '-c', sys.argv[2]]\n"
+        "sys.exit(supervise(child, pathlib.Path(sys.argv[1])))\n"
     )
     marker = tmp_path / "preempted"  # absent: the stop alone says preempted
     process = subprocess.Popen(
-        [sys.executable, "-c", parent, str(TRAINING / "launch.py"), str(marker), child],
+        [sys.executable, "-c", parent, str(marker), child],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -161,7 +161,7 @@ def _config(tmp_path: Path, **overrides) -> Config:
 
 def _step(config: Config, inputs: dict, out: Path, cluster: StandInCluster) -> dict:
     return train_job_step(
-        config.to_json(), "", str(inputs["encoded"]), str(inputs["text"]), str(inputs["image"]),
+        config, "", str(inputs["encoded"]), str(inputs["text"]), str(inputs["image"]),
         str(out), shared=cluster.shared, api=cluster.api, poll_s=0.2,
     )  # fmt: skip
 
@@ -206,11 +206,11 @@ def test_a_job_that_does_not_finish_in_time_fails_the_step(tmp_path, inputs, clu
 
 
 def test_the_job_name_follows_the_config_and_the_inputs():
-    config = Config.load("tiny").to_json()
+    config = Config.load("tiny")
     digests = {"data": "a", "text_tokenizer": "b", "image_tokenizer": "c"}
     name = job_name(config, digests)
     assert name == job_name(config, dict(digests)) and name.startswith("parti-train-")
     assert name != job_name(config, {**digests, "data": "changed"})
-    other = Config.load("tiny", overrides={"train.steps": 7}).to_json()
+    other = Config.load("tiny", overrides={"train.steps": 7})
     assert name != job_name(other, digests)
     assert len(name) <= 63  # a DNS label, as pod names derived from it must be

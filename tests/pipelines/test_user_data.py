@@ -14,7 +14,8 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from parti_ops.components.evaluate import EVALUATION, evaluate_step
-from parti_ops.components.registry import BITS, CHAMPION, FOLLOWING, register_step
+from parti_ops.components.register import register_step
+from parti_ops.components.registry import BITS, CHAMPION, FOLLOWING
 from parti_ops.components.train import train_step
 from parti_ops.model.config import Config
 from parti_ops.pipelines.parti import run_local
@@ -84,7 +85,7 @@ def test_data_without_scenes_runs_through_registration_promotion_and_serving(use
 
     # A challenger trained one step on the same data, scored by the same evaluator.
     root = tmp_path / "challenger"
-    cfg = Config.load("quick", overrides={**overrides, "train.steps": 1}).to_json()
+    cfg = Config.load("quick", overrides={**overrides, "train.steps": 1})
     train_step(cfg, "", str(result.encoded), str(result.text_tokenizer),
                str(result.image_tokenizer), str(root / "model"))  # fmt: skip
     evaluate_step(cfg, "", str(root / "model"), str(result.accepted), str(result.scorer),
