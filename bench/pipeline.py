@@ -41,12 +41,12 @@ def direct(config: Config, root: Path) -> None:
     from parti_ops.components.export import export_step
     from parti_ops.components.ingest import ingest_step
     from parti_ops.components.register import register_step
-    from parti_ops.components.scorer import scorer_step
     from parti_ops.components.serve import smoke_test_step
     from parti_ops.components.synth import synth_step
     from parti_ops.components.tokenizers import image_tokenizer_step, text_tokenizer_step
     from parti_ops.components.tracking import end_pipeline_run, start_pipeline_run
-    from parti_ops.components.train import train_step
+    from parti_ops.components.train_decoder import train_step
+    from parti_ops.components.train_scorer import scorer_step
     from parti_ops.components.validate import validate_step
 
     run_id = str(uuid.uuid4())
@@ -81,7 +81,7 @@ def direct(config: Config, root: Path) -> None:
 
 def _timed_runs(config: Config) -> dict:
     """The pipeline twice in one work folder: fresh, then with the first run's cache."""
-    from parti_ops.pipelines.parti import run_local
+    from parti_ops.pipelines.pipeline import run_local
 
     runs = []
     for _ in range(2):
@@ -108,7 +108,7 @@ def _timed_runs(config: Config) -> dict:
 
 
 def _overhead(config_for) -> dict:
-    from parti_ops.pipelines.parti import run_local
+    from parti_ops.pipelines.pipeline import run_local
 
     with tempfile.TemporaryDirectory() as tmp:
         timings = {}

@@ -1,5 +1,5 @@
 """Pipeline steps. Each step module holds its logic as plain functions and a `*_step`
-function that adds MLflow tracking; `ops.py` wraps each `*_step` as a kfp component."""
+function that adds MLflow tracking; `kfp_components.py` wraps each `*_step` as a kfp component."""
 
 import atexit
 import gc

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 PARENT_TAG = "mlflow.parentRunId"
 PIPELINE_RUN_TAG = "kfp.pipeline_run_id"
 # The id of the kfp run a step process belongs to. On a cluster it is the pod's
-# `pipeline/runid` label (pipelines/parti.py maps it into every step's environment);
+# `pipeline/runid` label (pipelines/pipeline.py maps it into every step's environment);
 # `run_local` sets it for the steps it starts.
 PIPELINE_RUN_ENV = "PARTI_PIPELINE_RUN_ID"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value

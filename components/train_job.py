@@ -2,7 +2,7 @@
 
 The step stages its inputs on the shared volume, submits the run's PyTorchJob
 (deploy/training_job.py) and waits for it; the job's pods run the same entry point as the
-one-machine step (components/train.py) and log to MLflow under the pipeline's parent run.
+one-machine step (components/train_decoder.py) and log to MLflow under the pipeline's parent run.
 When the job succeeds, the bundle is copied into the step's output, without checkpoints.
 """
 

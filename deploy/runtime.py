@@ -269,27 +269,17 @@ class OnnxTextToImage:
         prompts: Sequence[str],
         *,
         seeds: Sequence[int],
-        guidance_scale: float | np.ndarray,
-        temperature: float | np.ndarray,
-        top_k: int | np.ndarray,
-        top_p: float | np.ndarray,
         cancelled: Callable[[], np.ndarray] | None = None,
+        **settings: float | np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Images (B, H, W, 3) uint8 and codes (B, grid, grid) for prompts, one seed each."""
+        """Images (B, H, W, 3) uint8 and codes (B, grid, grid) for prompts, one seed each.
+
+        `settings`: guidance_scale, temperature, top_k and top_p, as `generate_codes` takes them.
+        """
         if len(seeds) != len(prompts):
             raise RequestError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         ids, mask, null = self.encode_prompts(prompts)
-        codes = self.generate_codes(
-            ids,
-            mask,
-            null,
-            seeds,
-            guidance_scale=guidance_scale,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            cancelled=cancelled,
-        )
+        codes = self.generate_codes(ids, mask, null, seeds, cancelled=cancelled, **settings)
         done = (codes >= 0).all(axis=(1, 2))
         images = np.zeros((len(prompts), *self.image_shape), dtype=np.uint8)
         if done.any():

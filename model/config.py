@@ -382,7 +382,7 @@ class TrainConfig(Section, section="train"):
     muon_lr_scale: float = setting(0.25, gt=0)
     warmup_steps: int = setting(50, ge=0)
     # After warm-up the peak rate holds, then falls in a straight line over the last 40 %
-    # of the steps to lr * min_lr_ratio (wsd: model/schedule.py;
+    # of the steps to lr * min_lr_ratio (wsd: model/loop.py `lr_factor`;
     # docs/experiments/decoder-relu2-zero-init-wsd.md).
     min_lr_ratio: float = setting(0.1, ge=0, le=1)
     # Decoupled; hidden matrices only, not norms, biases or embeddings.

@@ -28,7 +28,7 @@ PREEMPTED = "preempted"
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what Kubernetes and torchrun read as "retry"
 # The decoder's training entry point, which torchrun starts in every process
 # (deploy/torchrun.py), on one machine and in each PyTorchJob pod.
-TRAIN_ENTRY = "parti_ops.components.train"
+TRAIN_ENTRY = "parti_ops.components.train_decoder"
 
 # The ONNX export of a bundle (deploy/onnx.py writes it; deploy/triton.py serves it).
 TEXT_ENCODER, DECODER_STEP, IMAGE_DECODER = "text_encoder", "decoder_step", "image_decoder"

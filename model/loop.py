@@ -10,7 +10,8 @@ its `TrainState`, one training step (step → metrics) and saves its model after
 A checkpoint's metadata holds the architecture it was made with and the other settings.
 Resuming refuses another architecture, naming the fields, and logs changed settings.
 Nothing about the data or the schedule is saved: batches and rates are functions of
-(seed, step) (`model/schedule.py`).
+(seed, step) (`batch_indices`, `lr_factor`): a resumed run continues exactly where it
+stopped, and any number of processes agree on the global batch without talking.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,9 +40,47 @@ from parti_ops.model.checkpoint import (
     save_checkpoint,
 )
 from parti_ops.model.layout import PREEMPTED_EXIT_CODE
-from parti_ops.model.schedule import Schedule, lr_factor
 
 log = logging.getLogger(__name__)
+
+WSD_DECAY_SHARE = 0.4
+
+
+class Schedule(Protocol):
+    steps: int
+    warmup_steps: int
+    min_lr_ratio: float
+
+
+def batch_indices(step: int, batch_size: int, num_rows: int, seed: int) -> torch.Tensor:
+    """Rows of the batch at `step`: epoch by epoch through a seeded permutation per epoch."""
+    positions = torch.arange(step * batch_size, (step + 1) * batch_size)
+    epochs, offsets = positions // num_rows, positions % num_rows
+    out = torch.empty(batch_size, dtype=torch.long)
+    for epoch in epochs.unique().tolist():
+        order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch))
+        here = epochs == epoch
+        out[here] = order[offsets[here]]
+    return out
+
+
+def lr_factor(step: int, config: Schedule, shape: str = "cosine") -> float:
+    """Linear warm-up, then down to `min_lr_ratio` along `shape`.
+
+    "cosine": a cosine over the steps after warm-up. "wsd" (warm-up, stable, decay; Hu et
+    al. 2024, MiniCPM): the peak rate until the last `WSD_DECAY_SHARE` of the steps, then
+    a straight line.
+    """
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if shape == "wsd":
+        decay_start = round((1 - WSD_DECAY_SHARE) * config.steps)
+        progress = (step - decay_start) / max(1, config.steps - decay_start)
+        return 1 - (1 - config.min_lr_ratio) * min(1.0, max(0.0, progress))
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
+
 
 MetricsLogger = Callable[[dict[str, float], int], None]
 Progress = Callable[[int, int], None]

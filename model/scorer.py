@@ -28,8 +28,14 @@ from torch import nn
 
 from parti_ops.model.config import ScorerConfig
 from parti_ops.model.layout import CHECKPOINTS
-from parti_ops.model.loop import MetricsLogger, Progress, TrainState, arch_fields, train_loop
-from parti_ops.model.schedule import batch_indices
+from parti_ops.model.loop import (
+    MetricsLogger,
+    Progress,
+    TrainState,
+    arch_fields,
+    batch_indices,
+    train_loop,
+)
 from parti_ops.model.text_tokenizer import encode_captions, load_text_tokenizer
 
 log = logging.getLogger(__name__)

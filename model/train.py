@@ -6,7 +6,7 @@ with warm-up, a stable peak and a linear decay (wsd); gradient clipping; optiona
 `torch.compile`; caption dropout for classifier-free guidance.
 
 The global batch at step s, and which captions it drops, are functions of (seed, s)
-(`model/schedule.py`), so 1 process and N processes train on the same rows, and a run
+(`model/loop.py`), so 1 process and N processes train on the same rows, and a run
 stopped by SIGTERM and resumed from its checkpoint equals an uninterrupted one bit for
 bit on CPU.
 """
@@ -29,10 +29,9 @@ import torch.nn.functional as F
 
 from parti_ops.model.config import PartiConfig, TrainConfig
 from parti_ops.model.layout import CHECKPOINTS
-from parti_ops.model.loop import MetricsLogger, Progress, TrainState, train_loop
+from parti_ops.model.loop import MetricsLogger, Progress, TrainState, batch_indices, train_loop
 from parti_ops.model.optim import MuonAdamW
 from parti_ops.model.parti import Parti, PartiDims
-from parti_ops.model.schedule import batch_indices
 
 MODEL = "parti"  # the trained model's folder under the output folder
 # Dense bf16 peak of one GPU, for MFU; other GPUs report tokens/s only.

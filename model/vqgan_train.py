@@ -23,10 +23,10 @@ from parti_ops.model.loop import (
     Progress,
     TrainState,
     arch_fields,
+    batch_indices,
     train_loop,
 )
 from parti_ops.model.scenes import Scene, compare, heldout_pairs, read_scene
-from parti_ops.model.schedule import batch_indices
 from parti_ops.model.vqgan import VQGAN, PatchDiscriminator, PerceptualLoss, to_uint8, to_unit
 
 

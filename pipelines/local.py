@@ -29,7 +29,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from parti_ops.components.ops import CONFIG_SECTIONS
+from parti_ops.components.kfp_components import CONFIG_SECTIONS
 from parti_ops.components.progress import parse_progress
 from parti_ops.model.errors import PartiError
 

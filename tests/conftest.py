@@ -95,7 +95,7 @@ def train_bundle(inputs):
 
     MLflow runs go to `<out>.work/`.
     """
-    from parti_ops.components.train import train_step
+    from parti_ops.components.train_decoder import train_step
 
     def run(out: Path, **overrides) -> dict:
         work = out.with_name(out.name + ".work")

@@ -30,11 +30,11 @@ def test_the_tree_keeps_every_contract():
     ("module", "line", "says"),
     [
         ("model/layout.py", "from parti_ops.components import shards", "parti_ops.model.layout"),
-        ("deploy/triton.py", "from parti_ops.components import train", "parti_ops.deploy.triton"),
+        ("deploy/triton.py", "import parti_ops.components.train_decoder", "deploy.triton"),
         ("components/ingest.py", "import parti_ops.pipelines.local", "parti_ops.components.ingest"),
         ("deploy/runtime.py", "import torch", "parti_ops.deploy.runtime -> torch"),
         ("model/parti.py", "import mlflow", "parti_ops.model.parti -> mlflow"),
-        ("components/serve.py", "from parti_ops.components import train", "components.serve"),
+        ("components/serve.py", "import parti_ops.components.train_decoder", "components.serve"),
     ],
     ids=["model-to-components", "deploy-to-components", "step-to-pipelines",
          "runtime-to-torch", "model-to-mlflow", "step-to-step"],

@@ -33,7 +33,7 @@ def run(
 
     from parti_ops.components.serve import SMOKE_PNG, read_smoke_report
     from parti_ops.pipelines.local import StepFailed
-    from parti_ops.pipelines.parti import run_local
+    from parti_ops.pipelines.pipeline import run_local
 
     cfg = load_config(preset, config, overrides)
     started = time.perf_counter()
@@ -109,7 +109,7 @@ def retrain(
     promotion gate decides whether a retrained model serves.
     """
     from parti_ops.pipelines.local import StepFailed
-    from parti_ops.pipelines.schedule import retrain as run_retrain
+    from parti_ops.pipelines.recurring import retrain as run_retrain
 
     cfg = load_config(preset, config, overrides)
     try:
@@ -160,7 +160,7 @@ def pipeline_schedule(
     --source (never cached) and ingest's cache is keyed by it: changed data are ingested
     and trained on, unchanged data come from Kubeflow's cache up to the promotion gate.
     """
-    from parti_ops.pipelines.schedule import schedule
+    from parti_ops.pipelines.recurring import schedule
 
     cfg = load_config(preset, config, overrides)
     run_id = schedule(
@@ -185,7 +185,7 @@ def pipeline_compile(
     The config is the pipeline's default `config_json`; its train.accelerator and
     train.nproc set the training step's GPU request.
     """
-    from parti_ops.pipelines.parti import compile_pipeline
+    from parti_ops.pipelines.pipeline import compile_pipeline
 
     cfg = load_config(preset, config, overrides)
     console.print(f"wrote {compile_pipeline(out, cfg).resolve()}")

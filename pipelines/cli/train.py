@@ -45,7 +45,7 @@ def train(
     Checkpoints are written atomically every train.checkpoint_every steps. On SIGTERM it
     checkpoints and exits with code 143; run again with --resume to continue.
     """
-    from parti_ops.components.train import train_step
+    from parti_ops.components.train_decoder import train_step
     from parti_ops.model.layout import SAMPLES, TRAINING_REPORT
 
     cfg = load_config(preset, config, overrides)
@@ -198,7 +198,7 @@ def scorer_train(
     overrides: Overrides = None,
 ) -> None:
     """Train the CLIP-style scorer on the train pairs; report held-out retrieval accuracy."""
-    from parti_ops.components.scorer import REPORT, scorer_step
+    from parti_ops.components.train_scorer import REPORT, scorer_step
 
     cfg = load_config(preset, config, overrides)
     report = scorer_step(cfg, "", str(data), str(text), str(out))

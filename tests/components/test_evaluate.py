@@ -18,8 +18,8 @@ from parti_ops.components.evaluate import (
     evaluation_key,
 )
 from parti_ops.components.loaders import load_captioned, load_pairs
-from parti_ops.components.scorer import REPORT as SCORER_REPORT
-from parti_ops.components.scorer import near_miss_captions, scorer_step
+from parti_ops.components.train_scorer import REPORT as SCORER_REPORT
+from parti_ops.components.train_scorer import near_miss_captions, scorer_step
 from parti_ops.model.config import Config
 from parti_ops.model.generate import TextToImage
 from parti_ops.model.scenes import NEAR_MISSES

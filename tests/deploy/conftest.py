@@ -117,7 +117,7 @@ def faithful(small, prepare, tmp_path_factory) -> dict:
 
     Returns `{"dir": the export, "scenes": {caption: Scene}}`.
     """
-    from parti_ops.components.train import train_step
+    from parti_ops.components.train_decoder import train_step
     from parti_ops.deploy.onnx import export_onnx
 
     root = tmp_path_factory.mktemp("faithful")

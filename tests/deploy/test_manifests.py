@@ -744,7 +744,7 @@ def _job_env(shared: Path, job_name: str = "parti-train") -> dict[str, str]:
 
 
 def test_the_launcher_writes_what_the_train_entry_point_reads(tmp_path):
-    from parti_ops.components.train import train_step
+    from parti_ops.components.train_decoder import train_step
     from parti_ops.deploy.training_job import launch_arguments
     from parti_ops.model.config import Config
 
@@ -763,14 +763,14 @@ def test_the_launcher_writes_what_the_train_entry_point_reads(tmp_path):
 
 
 def test_pods_and_the_one_machine_step_start_the_same_entry_point(tmp_path, monkeypatch):
-    from parti_ops.components import train
+    from parti_ops.components import train_decoder
     from parti_ops.deploy import torchrun
     from parti_ops.model.layout import TRAIN_ENTRY
 
     pod = torchrun.torchrun_command(TRAIN_ENTRY, tmp_path / "launch.json")
     assert pod[1:3] == ["-m", "torch.distributed.run"]
-    assert pod[3:] == ["-m", "parti_ops.components.train", str(tmp_path / "launch.json")]
-    assert train.__name__ == TRAIN_ENTRY  # the module torchrun starts is the step's own
+    assert pod[3:] == ["-m", "parti_ops.components.train_decoder", str(tmp_path / "launch.json")]
+    assert train_decoder.__name__ == TRAIN_ENTRY  # torchrun starts the step's own module
     local = torchrun.torchrun_command(TRAIN_ENTRY, tmp_path / "launch.json", nproc=2)
     assert local[3:5] == ["--standalone", "--nproc-per-node=2"] and local[5:] == pod[3:]
 

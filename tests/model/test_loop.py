@@ -17,8 +17,7 @@ from parti_ops.model.checkpoint import (
     save_checkpoint,
 )
 from parti_ops.model.layout import PREEMPTED_EXIT_CODE
-from parti_ops.model.loop import TrainState, train_loop
-from parti_ops.model.schedule import lr_factor
+from parti_ops.model.loop import TrainState, lr_factor, train_loop
 
 ARCH = {"net": {"width": 4}, "vocab": 8}
 

@@ -18,9 +18,9 @@ from parti_ops.model.checkpoint import (
     save_checkpoint,
 )
 from parti_ops.model.config import ImageTokenizerConfig
+from parti_ops.model.loop import batch_indices, lr_factor
 from parti_ops.model.quantizer import FactorizedQuantizer, _kmeans_pp
 from parti_ops.model.scenes import heldout_pairs, render, sample_scene
-from parti_ops.model.schedule import batch_indices, lr_factor
 from parti_ops.model.vqgan import VQGAN, PerceptualLoss, to_uint8, to_unit
 from parti_ops.model.vqgan_train import (
     CHECKPOINTS,

@@ -7,6 +7,7 @@ names its preset (`preset: <name>`, which `Config.load` honours) and a study-spe
 MLflow experiment, loads with `Config.load`, and is named by some study.
 """
 
+import json
 import re
 from pathlib import Path
 
@@ -160,3 +161,44 @@ def test_override_files_are_each_named_by_a_study_and_go_to_their_own_experiment
             f" {experiment!r}"
         )
         experiments[experiment] = path.name
+
+
+def test_the_results_table_is_regenerated_from_evaluations(tmp_path):
+    """docs/results.py writes one row per evaluation between the markers, nothing else."""
+    import subprocess
+    import sys
+
+    evaluation = {
+        "metrics": {
+            "validation/exact": 0.745, "test/exact": 0.67,
+            "validation/prompt_following": 0.8961, "test/prompt_following": 0.85,
+            "validation/bits_per_token": 0.4221, "test/bits_per_token": 0.4749,
+        },
+        "intervals": {"validation/exact": [0.718, 0.771], "test/exact": [0.64, 0.699]},
+    }  # fmt: skip
+    real_data = {"metrics": {"validation/bits_per_token": 1.5, "test/bits_per_token": 1.6}}
+    (tmp_path / "a.json").write_text(json.dumps(evaluation))
+    (tmp_path / "b.json").write_text(json.dumps(real_data))
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\nbefore\n<!-- results:begin -->\nold\n<!-- results:end -->\nafter\n")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "docs" / "results.py"), f"tiny, seed 0={tmp_path / 'a.json'}",
+         f"emoji={tmp_path / 'b.json'}", "--readme", str(readme)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    text = readme.read_text()
+    assert text.startswith("# x\n\nbefore\n<!-- results:begin -->\n| run |")
+    assert text.endswith("<!-- results:end -->\nafter\n") and "old" not in text
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert rows[1] == (
+        "| tiny, seed 0 | 0.896 | 74.5 % [71.8, 77.1] | 0.850 | 67.0 % [64.0, 69.9]"
+        " | 0.422 / 0.475 |"
+    )
+    assert rows[2] == "| emoji | – | – | – | – | 1.500 / 1.600 |"  # no scenes: no oracle
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "docs" / "results.py"), f"x={tmp_path}",
+         "--readme", str(readme)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "not a readable evaluation.json" in bad.stderr

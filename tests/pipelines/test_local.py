@@ -12,7 +12,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from parti_ops.components import progress
-from parti_ops.components.ops import CONFIG_SECTIONS
+from parti_ops.components.kfp_components import CONFIG_SECTIONS
 from parti_ops.model.config import Config
 from parti_ops.pipelines.cli import app
 from parti_ops.pipelines.local import RunConsole, step_cache_key_config, summarize
@@ -43,9 +43,9 @@ STEP_CODE = {
     "text-tokenizer-op": [("tokenizers", "text_tokenizer_step")],
     "image-tokenizer-op": [("tokenizers", "image_tokenizer_step")],
     "encode-op": [("encode", None)],
-    "train-op": [("train", None)],
-    "scorer-op": [("scorer", None)],
-    "fid-reference-op": [("ops", "fid_reference_op")],
+    "train-op": [("train_decoder", None)],
+    "scorer-op": [("train_scorer", None)],
+    "fid-reference-op": [("kfp_components", "fid_reference_op")],
     "evaluate-op": [("evaluate", None)],
     "export-op": [("export", None)],
 }

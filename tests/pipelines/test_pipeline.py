@@ -11,7 +11,7 @@ from parti_ops.components.versioning import dvc_md5
 from parti_ops.deploy.triton import served_version
 from parti_ops.model.config import Config
 from parti_ops.pipelines.local import StepFailed
-from parti_ops.pipelines.parti import COMPILED, compile_pipeline, run_local
+from parti_ops.pipelines.pipeline import COMPILED, compile_pipeline, run_local
 
 
 def test_committed_pipeline_yaml_matches_the_code(tmp_path):

@@ -11,9 +11,9 @@ from parti_ops.components.registry import CHALLENGER
 from parti_ops.components.synth import synthesize
 from parti_ops.components.versioning import dvc_md5
 from parti_ops.model.config import Config
-from parti_ops.pipelines import parti
+from parti_ops.pipelines import pipeline
 from parti_ops.pipelines.cli import app
-from parti_ops.pipelines.schedule import cron_fields, retrain
+from parti_ops.pipelines.recurring import cron_fields, retrain
 
 # Three training steps each: only the data differ, so the gate must not refuse on noise.
 GATE = {"registry.max_nll_rise": 5.0, "registry.max_fid_rise": 100.0}
@@ -87,9 +87,9 @@ def test_force_retrains_data_already_trained_on(tmp_path, monkeypatch):
     def run_local(config, source, *, cache=True, console=None):
         runs.append(source)
         assert not cache  # a forced retrain runs every step afresh
-        return parti.LocalRun(**dict.fromkeys(parti.LocalRun.__dataclass_fields__, tmp_path))
+        return pipeline.LocalRun(**dict.fromkeys(pipeline.LocalRun.__dataclass_fields__, tmp_path))
 
-    monkeypatch.setattr(parti, "run_local", run_local)
+    monkeypatch.setattr(pipeline, "run_local", run_local)
     args = ["retrain", "--source", str(data), "--set", f"work_dir={work}"]
     skipped = CliRunner().invoke(app, args)
     assert skipped.exit_code == 0, skipped.output
@@ -106,7 +106,7 @@ def test_data_whose_gate_never_decided_is_trained_again(tmp_path, monkeypatch):
     (data / "train" / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a"}\n')
     _registered_on(config, dvc_md5(data), decision=None)
     runs = []
-    monkeypatch.setattr(parti, "run_local", lambda config, source, **_: runs.append(source))
+    monkeypatch.setattr(pipeline, "run_local", lambda config, source, **_: runs.append(source))
     report = retrain(config, data)
     assert report["retrained"] and runs == [data]
     assert report["last_trained_data_digest"] is None

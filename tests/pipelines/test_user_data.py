@@ -16,9 +16,9 @@ from PIL import Image
 from parti_ops.components.evaluate import EVALUATION, evaluate_step
 from parti_ops.components.register import register_step
 from parti_ops.components.registry import BITS, CHAMPION, FOLLOWING
-from parti_ops.components.train import train_step
+from parti_ops.components.train_decoder import train_step
 from parti_ops.model.config import Config
-from parti_ops.pipelines.parti import run_local
+from parti_ops.pipelines.pipeline import run_local
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220)}
 MARKS = {"stripes": "rows", "bars": "columns", "dots": "dots", "block": "block"}

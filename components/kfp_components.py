@@ -306,7 +306,7 @@ def train_op(
 
     from parti_ops.components.loaders import EncodedFormatError
     from parti_ops.components.tracking import keep_metrics, pipeline_parent_run
-    from parti_ops.components.train import TrainError, train_step
+    from parti_ops.components.train_decoder import TrainError, train_step
     from parti_ops.components.train_job import train_job_step
     from parti_ops.deploy.training_job import TrainJobError
     from parti_ops.model.checkpoint import CheckpointError, list_checkpoints
@@ -347,8 +347,8 @@ def scorer_op(
     """Train the CLIP-style scorer on the accepted train pairs; returns its version."""
     from pathlib import Path
 
-    from parti_ops.components.scorer import scorer_step
     from parti_ops.components.tracking import keep_metrics, pipeline_parent_run
+    from parti_ops.components.train_scorer import scorer_step
     from parti_ops.model.config import Config
 
     config = Config.from_json(config_json)

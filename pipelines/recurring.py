@@ -98,7 +98,7 @@ def retrain(
     `force` runs the pipeline anyway, every step afresh (no step cache). `console` gets
     the run's step lines.
     """
-    from parti_ops.pipelines.parti import run_local
+    from parti_ops.pipelines.pipeline import run_local
 
     started = time.monotonic()
     digest = data_digest(config, source)
@@ -156,7 +156,7 @@ def schedule(
     """
     import kfp
 
-    from parti_ops.pipelines.parti import compile_pipeline
+    from parti_ops.pipelines.pipeline import compile_pipeline
 
     client = kfp.Client(host=host, namespace=namespace)
     with tempfile.TemporaryDirectory() as tmp:

@@ -227,7 +227,7 @@ def _launch(config, parent_run_id, encoded_dir, text_dir, image_dir, out_dir, re
 
 
 def main(argv: list[str]) -> None:
-    """Entry point of each torchrun process: `python -m parti_ops.components.train launch.json`."""
+    """Entry point of each torchrun process (`TRAIN_ENTRY`), given the launch.json path."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from parti_ops.model.checkpoint import CheckpointError
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from kfp import compiler, dsl, kubernetes
 from rich.console import Console
 
-from parti_ops.components.ops import (
+from parti_ops.components.kfp_components import (
     data_digest_op,
     encode_op,
     end_run_op,

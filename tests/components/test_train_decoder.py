@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from parti_ops.components.train import REPORT, SAMPLES, TrainError, train_step
+from parti_ops.components.train_decoder import REPORT, SAMPLES, TrainError, train_step
 from parti_ops.model.checkpoint import list_checkpoints
 from parti_ops.model.config import Config
 from parti_ops.model.generate import TextToImage

@@ -11,8 +11,8 @@ from kfp import dsl, local
 from parti_ops.components.synth import synthesize
 from parti_ops.components.versioning import dvc_md5
 from parti_ops.model.config import Config
-from parti_ops.pipelines import schedule as schedule_module
-from parti_ops.pipelines.parti import _ingest, compile_pipeline
+from parti_ops.pipelines import recurring
+from parti_ops.pipelines.pipeline import _ingest, compile_pipeline
 
 
 def _edit_a_caption(data: Path) -> None:
@@ -105,7 +105,7 @@ def test_schedule_keeps_each_steps_caching_and_follows_the_data(monkeypatch):
 
     monkeypatch.setattr(kfp, "Client", _FakeClient)
     config = Config.from_name("tiny")
-    run_id = schedule_module.schedule(
+    run_id = recurring.schedule(
         config, host="http://ml-pipeline:8888", cron="0 3 * * *", source="/s3/data"
     )
     created = _FakeClient.created
