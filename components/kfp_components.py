@@ -13,32 +13,6 @@ from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 
 from parti_ops.components import COMPONENT_IMAGE
 
-# The config sections each cached step reads (its own module and the model code it calls).
-# A local run's cache counts only these of a step's `config_json` (pipelines/local.py), so
-# a changed field re-runs the steps that read it and those downstream of them. Steps not
-# listed here are never cached or count the whole config.
-CONFIG_SECTIONS: dict[str, tuple[str, ...]] = {
-    "ingest-op": ("data",),
-    "validate-op": ("data",),
-    "text-tokenizer-op": ("data", "text_tokenizer"),
-    "image-tokenizer-op": ("data", "image_tokenizer"),
-    "encode-op": ("data", "text_tokenizer", "image_tokenizer"),
-    "train-op": ("name", "data", "text_tokenizer", "image_tokenizer", "parti", "train", "sample"),
-    "scorer-op": ("data", "text_tokenizer", "scorer"),
-    "fid-reference-op": ("data", "scorer", "evaluate"),
-    "evaluate-op": (
-        "data",
-        "text_tokenizer",
-        "image_tokenizer",
-        "parti",
-        "train",
-        "sample",
-        "scorer",
-        "evaluate",
-    ),  # fmt: skip
-    "export-op": ("sample", "export", "serve", "registry", "tracking"),
-}
-
 
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
 def start_run_op(config_json: str, run_name: str, code_version: str, pipeline_run_id: str) -> str:
@@ -63,6 +37,27 @@ def end_run_op(config_json: str, pipeline_run_id: str, status: dsl.PipelineTaskF
     failed = status.state != "SUCCEEDED"
     run_id = current_pipeline_run(default=pipeline_run_id)
     end_pipeline_run(Config.from_json(config_json), run_id, failed=failed)
+
+
+@dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+def config_op(config_json: str) -> NamedTuple(
+    "StepConfigs",
+    [
+        ("ingest", str), ("validate", str), ("text_tokenizer", str), ("image_tokenizer", str),
+        ("encode", str), ("train", str), ("scorer", str), ("fid_reference", str),
+        ("evaluate", str), ("export", str),
+    ],
+):  # fmt: skip
+    """Each cached step's config: the sections it reads (`STEP_SECTIONS`, one output per
+    step, in its order) and no others, so that a step's cache key changes only when they do."""
+    from collections import namedtuple
+
+    from parti_ops.components import STEP_SECTIONS
+    from parti_ops.model.config import Config
+
+    config = Config.from_json(config_json)
+    steps = namedtuple("StepConfigs", list(STEP_SECTIONS))
+    return steps(*(config.sections_json(sections) for sections in STEP_SECTIONS.values()))
 
 
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
@@ -220,7 +215,7 @@ def image_tokenizer_op(
     from parti_ops.components.tracking import keep_metrics, pipeline_parent_run
     from parti_ops.model.checkpoint import CheckpointError, list_checkpoints
     from parti_ops.model.config import Config
-    from parti_ops.model.vqgan_train import CHECKPOINTS
+    from parti_ops.model.layout import CHECKPOINTS
 
     config = Config.from_json(config_json)
     parent_run_id = pipeline_parent_run(config)
@@ -311,7 +306,7 @@ def train_op(
     from parti_ops.deploy.training_job import TrainJobError
     from parti_ops.model.checkpoint import CheckpointError, list_checkpoints
     from parti_ops.model.config import Config
-    from parti_ops.model.train import CHECKPOINTS
+    from parti_ops.model.layout import CHECKPOINTS
 
     config = Config.from_json(config_json)
     parent_run_id = pipeline_parent_run(config)

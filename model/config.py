@@ -17,6 +17,7 @@ import operator
 import os
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Self
@@ -656,6 +657,29 @@ class ServeConfig(Section, section="serve"):
         _check(bool(self.providers.strip()), "serve.providers must name at least one provider")
 
 
+class WithheldSection:
+    """Stands in for a config section that a pipeline step was not given.
+
+    A step receives only the sections it reads (`Config.sections_json`), so that its cache
+    key changes only when they do; reading another one is a bug in the step's list of
+    sections, and says so instead of silently reading the section's defaults.
+    """
+
+    def __init__(self, section: str) -> None:
+        self._section = section
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "_section":
+            raise AttributeError(name)
+        raise RuntimeError(
+            f"config.{self._section}.{name}: this step was not given the {self._section!r}"
+            " section; add it to the step's sections (components/__init__.py STEP_SECTIONS)"
+        )
+
+    def __repr__(self) -> str:
+        return f"WithheldSection({self._section!r})"
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration: one frozen section per concern."""
@@ -734,15 +758,47 @@ class Config:
         return _merge(self, _nest(tree), prefix="")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field, section by section (a step's config: the sections it was given)."""
+        return {
+            f.name: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+            for f in fields(self)
+            if not isinstance(value := getattr(self, f.name), WithheldSection)
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
+    def sections_json(self, sections: Sequence[str]) -> str:
+        """`to_json` of `name`, `work_dir` and these sections only: what a pipeline step
+        receives, so that its cache key changes only when they do."""
+        unknown = sorted(set(sections) - set(SECTIONS))
+        _check(not unknown, f"no config sections {unknown}; the sections are {SECTIONS}")
+        body = {k: v for k, v in self.to_dict().items() if k in sections or k not in SECTIONS}
+        return json.dumps(body, sort_keys=True)
+
     @classmethod
     def from_json(cls, text: str) -> Config:
-        """Inverse of `to_json`: how pipeline components receive the config."""
-        return cls().merge(json.loads(text))  # the JSON holds every field, the name too
+        """Inverse of `to_json` and `sections_json`: how pipeline components receive the
+        config. A section the JSON leaves out is withheld (`WithheldSection`), not defaulted."""
+        tree = json.loads(text)
+        if all(name in tree for name in SECTIONS):
+            return cls().merge(tree)  # the whole config, checked as a whole
+        # A step's sections, each checked on its own (the whole was checked where it was made).
+        unknown = sorted(set(tree) - {f.name for f in fields(cls)})
+        _check(not unknown, f"unknown config keys {unknown}")
+        defaults = cls()
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in SECTIONS:
+                values[f.name] = str(tree.get(f.name, getattr(defaults, f.name)))
+            elif f.name in tree:
+                values[f.name] = _merge(getattr(defaults, f.name), tree[f.name], f"{f.name}.")
+            else:
+                values[f.name] = WithheldSection(f.name)
+        config = object.__new__(cls)
+        for name, value in values.items():
+            object.__setattr__(config, name, value)
+        return config
 
     def flat(self) -> dict[str, Any]:
         """`{"data.image_size": 64, ...}`: the form logged as MLflow params."""
@@ -769,6 +825,10 @@ class Config:
         if uri := os.environ.get("MLFLOW_TRACKING_URI"):
             return uri
         return f"sqlite:///{(Path(self.work_dir) / 'mlflow.db').resolve()}"
+
+
+# The sections of a Config (the fields besides its name and work folder).
+SECTIONS = tuple(f.name for f in fields(Config) if f.name not in ("name", "work_dir"))
 
 
 def parse_overrides(items: dict[str, Any] | list[str]) -> dict[str, Any]:

@@ -5,11 +5,11 @@ matters), draws a bar for long steps from the progress lines they print, and sen
 everything else (the kfp executor's own output, each step's logs) to a per-run log file.
 A failing step is named with its last log lines and the log's path.
 
-The cache is kfp.local's (keyed like Kubeflow Pipelines' cache: the component, its
-inputs, the artifacts it reads), with two changes for local work: a step's config input
-counts only the config sections that step reads (`components.ops.CONFIG_SECTIONS`), so
-changing `train.steps` re-runs training and what follows it, not the tokenizers; and
-the package's source is part of every key, so edited code re-runs.
+The cache is kfp.local's, keyed like Kubeflow Pipelines' cache: the component, its
+inputs, the artifacts it reads. A step's config input holds only the sections it reads
+(the pipeline's `config` step), so changing `train.steps` re-runs training and what
+follows it, not the tokenizers. For local work the package's source is part of every
+key too, so edited code re-runs.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from parti_ops.components.kfp_components import CONFIG_SECTIONS
 from parti_ops.components.progress import parse_progress
 from parti_ops.model.errors import PartiError
 
@@ -67,23 +66,21 @@ def code_digest() -> str:
     return digest.hexdigest()
 
 
-def step_cache_key_config(task: str, config_json: str) -> str:
-    """The part of a step's `config_json` its cache key counts (all of it for unlisted steps)."""
-    sections = CONFIG_SECTIONS.get(task)
-    if sections is None:
-        return config_json
-    tree = json.loads(config_json)
-    return json.dumps({name: tree.get(name) for name in sections}, sort_keys=True)
-
-
 def install_step_cache(cache_root: Path) -> None:
     """Make kfp.local's cache (after `local.init(enable_caching=True, cache_root=...)`) key
-    each step on its own config sections and on the package's source."""
+    each step on the package's source too."""
     from kfp.local import cache as kfp_cache
 
     code = code_digest()
 
     class StepCache(kfp_cache.LocalCache):
+        hits = 0  # lookups answered from the cache: the console reads it around each task
+
+        def get(self, cache_key: str) -> Any:
+            found = super().get(cache_key)
+            self.hits += found is not None
+            return found
+
         def compute_key(
             self,
             component_name: str,
@@ -93,10 +90,6 @@ def install_step_cache(cache_root: Path) -> None:
             env_vars: dict[str, str] | None = None,
             custom_cache_key: str | None = None,
         ) -> str:
-            arguments = dict(arguments)
-            if isinstance(arguments.get("config_json"), str):
-                task = component_name.removeprefix("comp-")
-                arguments["config_json"] = step_cache_key_config(task, arguments["config_json"])
             env = {**(env_vars or {}), "PARTI_OPS_CODE_DIGEST": code}
             return super().compute_key(
                 component_name, image, full_command, arguments, env, custom_cache_key
@@ -274,15 +267,10 @@ class RunConsole:
         self._print(f"[green]✓[/green] {label:<16} {when:>9}  {summarize(task, outputs)}".rstrip())
 
 
-def _cached(outputs: dict[str, Any], run_folder: str) -> bool:
-    """Whether a task's outputs came from the cache: its artifacts live in another run."""
-    uris = [getattr(v, "uri", "") for v in outputs.values() if hasattr(v, "uri")]
-    return bool(uris) and not any(f"/{run_folder}/" in uri for uri in uris)
-
-
 @contextlib.contextmanager
 def observe_tasks(run_console: RunConsole) -> Iterator[None]:
     """Report each kfp.local task's start and end to `run_console` while the pipeline runs."""
+    from kfp.local import cache as kfp_cache
     from kfp.local import status
     from kfp.local.orchestrator import task_executor
 
@@ -292,6 +280,8 @@ def observe_tasks(run_console: RunConsole) -> Iterator[None]:
         task, folder = kwargs["task_name"], kwargs["pipeline_resource_name"]
         run_console.run_folder = run_console.run_folder or folder
         run_console.started(task)
+        cache = kfp_cache.get_local_cache()  # None when the run does not cache
+        hits = getattr(cache, "hits", 0)
         started = time.perf_counter()
         outputs, task_status = original(**kwargs)
         run_console.finished(
@@ -299,7 +289,7 @@ def observe_tasks(run_console: RunConsole) -> Iterator[None]:
             outputs,
             task_status == status.Status.SUCCESS,
             time.perf_counter() - started,
-            _cached(outputs, folder),
+            getattr(cache, "hits", 0) > hits,
         )
         return outputs, task_status
 

@@ -7,7 +7,8 @@
       ─► export the champion (ONNX, parity-checked) into a Triton repository ─► smoke test
          through tritonserver (HTTP + gRPC, attribute oracle)
     (the synthetic set is drawn by the ingest step when no source is given; before
-    ingest, an uncached step takes the source's DVC digest, which keys ingest's cache)
+    ingest, an uncached step takes the source's DVC digest, which keys ingest's cache;
+    first, a `config` step hands each later step only the config sections it reads)
 
 The same pipeline function runs on this machine with `kfp.local` and compiles to
 YAML for Kubeflow Pipelines. One MLflow parent run spans it; the exit handler
@@ -29,6 +30,7 @@ from kfp import compiler, dsl, kubernetes
 from rich.console import Console
 
 from parti_ops.components.kfp_components import (
+    config_op,
     data_digest_op,
     encode_op,
     end_run_op,
@@ -118,7 +120,7 @@ def _knows_its_run(task):
     )
 
 
-def _ingest(config_json: str, source: str, data_digest: str):
+def _ingest(config_json, source: str, data_digest: str):
     """The digest step and the ingest step it keys; returns both tasks.
 
     Ingest's inputs (config, path, pin) can all stay the same while the data at the path
@@ -157,20 +159,24 @@ def _steps(
         # Steps find that parent run themselves (components/tracking.py,
         # pipeline_parent_run), so that no step input changes from run to run: each step's
         # cache key is its config, its data digest and the artifacts it reads.
-        digest, ingest = _ingest(config_json, source, data_digest)
+        # Each cached step receives only the config sections it reads (components/
+        # __init__.py STEP_SECTIONS), so its cache key changes only when they do.
+        split = config_op(config_json=config_json)
+        step = split.outputs
+        digest, ingest = _ingest(step["ingest"], source, data_digest)
         ingest.after(start)
-        validate = validate_op(config_json=config_json, canonical=ingest.outputs["canonical"])
+        validate = validate_op(config_json=step["validate"], canonical=ingest.outputs["canonical"])
         validated = validate.outputs["validated"]
-        text = text_tokenizer_op(config_json=config_json, validated=validated)
-        image = image_tokenizer_op(config_json=config_json, validated=validated)
+        text = text_tokenizer_op(config_json=step["text_tokenizer"], validated=validated)
+        image = image_tokenizer_op(config_json=step["image_tokenizer"], validated=validated)
         encode = encode_op(
-            config_json=config_json,
+            config_json=step["encode"],
             validated=validated,
             text_tokenizer=text.outputs["text_tokenizer"],
             image_tokenizer=image.outputs["image_tokenizer"],
         )
         trainer = train_op(
-            config_json=config_json,
+            config_json=step["train"],
             encoded=encode.outputs["encoded"],
             text_tokenizer=text.outputs["text_tokenizer"],
             image_tokenizer=image.outputs["image_tokenizer"],
@@ -180,15 +186,15 @@ def _steps(
         elif train.accelerator:  # one GPU per torchrun process, on one node
             trainer.set_accelerator_type(train.accelerator).set_accelerator_limit(train.nproc)
         scorer = scorer_op(
-            config_json=config_json,
+            config_json=step["scorer"],
             validated=validated,
             text_tokenizer=text.outputs["text_tokenizer"],
         )
         references = fid_reference_op(
-            config_json=config_json, validated=validated, scorer=scorer.outputs["scorer"]
+            config_json=step["fid_reference"], validated=validated, scorer=scorer.outputs["scorer"]
         )
         evaluate = evaluate_op(
-            config_json=config_json,
+            config_json=step["evaluate"],
             model=trainer.outputs["model"],
             validated=validated,
             scorer=scorer.outputs["scorer"],
@@ -205,7 +211,7 @@ def _steps(
         )
         register.set_caching_options(False)  # the registry's state is an input kfp cannot see
         # Keyed by the champion's version: an unchanged champion is not exported again.
-        export = export_op(config_json=config_json, champion=register.outputs["champion"])
+        export = export_op(config_json=step["export"], champion=register.outputs["champion"])
         smoke = smoke_test_op(
             config_json=config_json,
             repository=export.outputs["repository"],
@@ -215,8 +221,8 @@ def _steps(
         if config.serve.target == "gpu" and train.accelerator:  # TensorRT engines + parity
             export.set_accelerator_type(train.accelerator).set_accelerator_limit(1)
         for task, size in (
-            (start, "small"), (digest, "small"), (ingest, "data"), (validate, "data"),
-            (text, "data"), (image, "data"), (encode, "data"),
+            (start, "small"), (split, "small"), (digest, "small"), (ingest, "data"),
+            (validate, "data"), (text, "data"), (image, "data"), (encode, "data"),
             (trainer, "small" if train.nodes > 1 else "train"), (scorer, "data"),
             (references, "data"), (evaluate, "data"), (register, "small"), (export, "data"),
             (smoke, "data"),
@@ -225,8 +231,8 @@ def _steps(
         # Not register: a retry after a partial success would register a second version.
         for task in (digest, ingest, trainer, export, smoke):
             _retry(task)
-        for task in (start, digest, ingest, validate, text, image, encode, trainer, scorer,
-                     references, evaluate, register, export, smoke):  # fmt: skip
+        for task in (start, split, digest, ingest, validate, text, image, encode, trainer,
+                     scorer, references, evaluate, register, export, smoke):  # fmt: skip
             _knows_its_run(task)
     _knows_its_run(end)
 

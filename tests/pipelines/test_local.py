@@ -11,43 +11,63 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from parti_ops.components import progress
-from parti_ops.components.kfp_components import CONFIG_SECTIONS
+from parti_ops.components import STEP_SECTIONS, progress
+from parti_ops.model.config import SECTIONS as CONFIG_SECTIONS
 from parti_ops.model.config import Config
 from parti_ops.pipelines.cli import app
-from parti_ops.pipelines.local import RunConsole, step_cache_key_config, summarize
+from parti_ops.pipelines.local import RunConsole, summarize
 
 COMPONENTS = Path(__file__).resolve().parents[2] / "components"
-SECTIONS = set(json.loads(Config().to_json())) - {"work_dir"}
+SECTIONS = set(CONFIG_SECTIONS)  # `name` and `work_dir` come to every step
 
 
-def test_a_step_cache_key_counts_only_the_config_sections_the_step_reads():
+def test_a_step_receives_only_its_config_sections():
     config = Config.from_name("tiny")
-    changed = config.merge({"train.steps": 7})
-    for task in ("ingest-op", "image-tokenizer-op", "encode-op", "scorer-op", "fid-reference-op"):
-        assert step_cache_key_config(task, config.to_json()) == step_cache_key_config(
-            task, changed.to_json()
-        ), task
-    for task in ("train-op", "evaluate-op"):
-        assert step_cache_key_config(task, config.to_json()) != step_cache_key_config(
-            task, changed.to_json()
-        ), task
-    # A step the table does not list counts the whole config.
-    assert step_cache_key_config("register-op", config.to_json()) == config.to_json()
+    for field, value, rerun in (
+        ("train.steps", 7, {"train", "evaluate"}),
+        ("serve.instances", 3, {"export"}),
+        ("image_tokenizer.steps", 11, {"image_tokenizer", "encode", "train", "evaluate"}),
+        ("tracking.experiment", "study", set(STEP_SECTIONS) - {"fid_reference"}),
+    ):
+        changed = config.merge({field: value})
+        differs = {
+            step
+            for step, sections in STEP_SECTIONS.items()
+            if config.sections_json(sections) != changed.sections_json(sections)
+        }
+        assert differs == rerun, field
+
+
+def test_a_step_reading_a_section_it_was_not_given_fails_loudly():
+    step = Config.from_json(Config.from_name("tiny").sections_json(STEP_SECTIONS["export"]))
+    assert step.serve.instances == 2 and step.name == "tiny"
+    with pytest.raises(RuntimeError, match="not given the 'train' section"):
+        _ = step.train.steps
+    assert Config.from_json(step.to_json()).to_json() == step.to_json()
+
+
+def test_the_config_step_has_one_output_per_step():
+    from parti_ops.components.kfp_components import config_op
+
+    outputs = config_op.component_spec.outputs
+    assert list(outputs) == list(STEP_SECTIONS)
+    assert config_op.python_func(Config.from_name("tiny").to_json()).train == (
+        Config.from_name("tiny").sections_json(STEP_SECTIONS["train"])
+    )
 
 
 # The code each cached step runs, for the check below: (module, function or None: all of it).
 STEP_CODE = {
-    "ingest-op": [("synth", None), ("ingest", None)],
-    "validate-op": [("validate", None)],
-    "text-tokenizer-op": [("tokenizers", "text_tokenizer_step")],
-    "image-tokenizer-op": [("tokenizers", "image_tokenizer_step")],
-    "encode-op": [("encode", None)],
-    "train-op": [("train_decoder", None)],
-    "scorer-op": [("train_scorer", None)],
-    "fid-reference-op": [("kfp_components", "fid_reference_op")],
-    "evaluate-op": [("evaluate", None)],
-    "export-op": [("export", None)],
+    "ingest": [("synth", None), ("ingest", None)],
+    "validate": [("validate", None)],
+    "text_tokenizer": [("tokenizers", "text_tokenizer_step")],
+    "image_tokenizer": [("tokenizers", "image_tokenizer_step")],
+    "encode": [("encode", None)],
+    "train": [("train_decoder", None)],
+    "scorer": [("train_scorer", None)],
+    "fid_reference": [("kfp_components", "fid_reference_op")],
+    "evaluate": [("evaluate", None)],
+    "export": [("export", None)],
 }
 
 
@@ -69,7 +89,7 @@ def _sections_read(module: str, function: str | None) -> set[str]:
 def test_every_config_section_a_step_reads_is_in_its_cache_key(task):
     read = set().union(*(_sections_read(m, f) for m, f in STEP_CODE[task]))
     assert read, f"{task}: the check found no config reads; is STEP_CODE stale?"
-    assert read <= set(CONFIG_SECTIONS[task]), (task, read - set(CONFIG_SECTIONS[task]))
+    assert read <= set(STEP_SECTIONS[task]), (task, read - set(STEP_SECTIONS[task]))
 
 
 def _artifact(**metadata):

@@ -105,10 +105,11 @@ def test_local_run_writes_artifacts_and_nested_mlflow_runs(tmp_path):
     assert [str(v.version) for v in versions] == ["1"]
     assert json.loads((again.smoke / "smoke.json").read_text())["tokens"] == 256
 
-    # One training field changed: training and what reads its model run again; the
-    # data, tokenizers, encoding and scorer come from the cache.
+    # One training field changed: the config step, training and what reads its model run
+    # again; the data, tokenizers, encoding and scorer come from the cache.
     changed = run_local(config.merge({"train.steps": 4}))
-    assert set(changed.cached) >= CACHED_STEPS - {"train-op", "evaluate-op", "export-op"}
+    rerun = {"config-op", "train-op", "evaluate-op", "export-op"}
+    assert set(changed.cached) >= CACHED_STEPS - rerun
     assert not {"train-op", "evaluate-op"} & set(changed.cached)
     assert (
         json.loads((changed.model / "training_report.json").read_text())["history"][-1]["step"] == 4
@@ -117,8 +118,8 @@ def test_local_run_writes_artifacts_and_nested_mlflow_runs(tmp_path):
 
 # Every step kfp may take from its cache.
 CACHED_STEPS = {
-    "ingest-op", "validate-op", "text-tokenizer-op", "image-tokenizer-op", "encode-op",
-    "train-op", "scorer-op", "fid-reference-op", "evaluate-op", "export-op",
+    "config-op", "ingest-op", "validate-op", "text-tokenizer-op", "image-tokenizer-op",
+    "encode-op", "train-op", "scorer-op", "fid-reference-op", "evaluate-op", "export-op",
 }  # fmt: skip
 
 
@@ -151,14 +152,20 @@ def test_cached_steps_take_only_inputs_that_stay_the_same_from_run_to_run():
     }
     for name in cached:
         for key, value in tasks[name]["inputs"].get("parameters", {}).items():
-            # Only the pipeline parameters that name the config and the data, and the data's
-            # digest from the digest step; never the run's id, name or code version, nor
-            # another task's output (the parent run id).
+            # Only the pipeline parameters that name the config and the data, the config
+            # step's sections for this step, and the data's digest from the digest step;
+            # never the run's id, name or code version, nor the parent run's id.
             if (name, key) == ("ingest-op", "data_digest"):
                 assert value == digest
                 continue
             if (name, key) == ("export-op", "champion"):  # the version the gate left
                 assert value["taskOutputParameter"]["producerTask"] == "register-op"
+                continue
+            if key == "config_json" and name != "config-op":  # only its own sections
+                step = name.removesuffix("-op").replace("-", "_")
+                assert value == {
+                    "taskOutputParameter": {"producerTask": "config-op", "outputParameterKey": step}
+                }, name
                 continue
             assert value == {"componentInputParameter": f"pipelinechannel--{key}"}, (name, key)
             assert key in {"config_json", "source"}, (name, key)
