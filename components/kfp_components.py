@@ -339,19 +339,28 @@ def scorer_op(
     scorer: Output[Model],
     metrics: Output[Metrics],
 ) -> str:
-    """Train the CLIP-style scorer on the accepted train pairs; returns its version."""
+    """Train the CLIP-style scorer on the accepted train pairs; returns its version.
+
+    With `scorer.checkpoint_every` > 0, a retry of this task resumes from the checkpoints
+    its earlier attempt left in the output folder.
+    """
     from pathlib import Path
 
     from parti_ops.components.tracking import keep_metrics, pipeline_parent_run
     from parti_ops.components.train_scorer import scorer_step
+    from parti_ops.model.checkpoint import list_checkpoints
     from parti_ops.model.config import Config
+    from parti_ops.model.layout import CHECKPOINTS
 
     config = Config.from_json(config_json)
     parent_run_id = pipeline_parent_run(config)
 
     accepted = str(Path(validated.path) / "accepted")
+    resume = bool(list_checkpoints(Path(scorer.path) / CHECKPOINTS))
     try:
-        report = scorer_step(config, parent_run_id, accepted, text_tokenizer.path, scorer.path)
+        report = scorer_step(
+            config, parent_run_id, accepted, text_tokenizer.path, scorer.path, resume=resume
+        )
     except ValueError as err:
         raise SystemExit(f"scorer: {err}") from None
     for key, value in report.items():

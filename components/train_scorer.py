@@ -65,9 +65,19 @@ def near_miss_pairs(scenes: list[Scene | None], seed: int) -> list[list[tuple[st
 
 
 def scorer_step(
-    config: Config, parent_run_id: str, data_dir: str, text_tokenizer_dir: str, out_dir: str
+    config: Config,
+    parent_run_id: str,
+    data_dir: str,
+    text_tokenizer_dir: str,
+    out_dir: str,
+    *,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Train the scorer on the `train` pairs, report held-out retrieval; returns the report."""
+    """Train the scorer on the `train` pairs, report held-out retrieval; returns the report.
+
+    With `scorer.checkpoint_every` > 0 it checkpoints into `out_dir/checkpoints`; `resume`
+    continues from the newest good one.
+    """
     from parti_ops.components.progress import progress_bar
     from parti_ops.components.tracking import step_run
     from parti_ops.model.scorer import (
@@ -97,6 +107,7 @@ def scorer_step(
                 out,
                 progress=update,
                 negatives=near_miss_captions(scenes, cfg.seed) if cfg.hard_negatives else None,
+                resume=resume,
             )
         model, processor = load_scorer(out)
         report: dict[str, Any] = {"train_pairs": len(images), "steps": cfg.steps}

@@ -22,6 +22,9 @@ Bundle = Annotated[Path, typer.Option(help="Model bundle (`parti train`'s output
 FeatureDir = Annotated[
     Path, typer.Option(help="Scorer folder (`parti scorer train`) or a local HF CLIP.")
 ]
+Resume = Annotated[
+    bool, typer.Option(help="Continue from the newest good checkpoint in OUT/checkpoints.")
+]
 Accepted = Annotated[
     Path,
     typer.Option(

@@ -5,7 +5,14 @@ from typing import Annotated
 
 import typer
 
-from parti_ops.pipelines.cli.options import Accepted, ConfigFile, Overrides, Preset, load_config
+from parti_ops.pipelines.cli.options import (
+    Accepted,
+    ConfigFile,
+    Overrides,
+    Preset,
+    Resume,
+    load_config,
+)
 from parti_ops.pipelines.cli.output import clear_errors, print_paths
 
 app = typer.Typer(help="Tokenizers: captions to token ids, images to code grids.")
@@ -48,9 +55,7 @@ def tokenizer_image_train(
     out: Annotated[Path, typer.Option(help="Folder for the model and its checkpoints.")] = Path(
         "outputs/image_tokenizer"
     ),
-    resume: Annotated[
-        bool, typer.Option(help="Continue from the newest good checkpoint in OUT/checkpoints.")
-    ] = False,
+    resume: Resume = False,
     preset: Preset = "tiny",
     config: ConfigFile = None,
     overrides: Overrides = None,

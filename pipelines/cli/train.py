@@ -12,6 +12,7 @@ from parti_ops.pipelines.cli.options import (
     FeatureDir,
     Overrides,
     Preset,
+    Resume,
     load_config,
 )
 from parti_ops.pipelines.cli.output import clear_errors, print_paths, save_images
@@ -33,9 +34,7 @@ def train(
     out: Annotated[Path, typer.Option(help="Folder for the model bundle and checkpoints.")] = Path(
         "outputs/parti"
     ),
-    resume: Annotated[
-        bool, typer.Option(help="Continue from the newest good checkpoint in OUT/checkpoints.")
-    ] = False,
+    resume: Resume = False,
     preset: Preset = "tiny",
     config: ConfigFile = None,
     overrides: Overrides = None,
@@ -193,15 +192,20 @@ def scorer_train(
         "outputs/text_tokenizer"
     ),
     out: Annotated[Path, typer.Option(help="Folder for the scorer.")] = Path("outputs/scorer"),
+    resume: Resume = False,
     preset: Preset = "tiny",
     config: ConfigFile = None,
     overrides: Overrides = None,
 ) -> None:
-    """Train the CLIP-style scorer on the train pairs; report held-out retrieval accuracy."""
+    """Train the CLIP-style scorer on the train pairs; report held-out retrieval accuracy.
+
+    With --set scorer.checkpoint_every=N it checkpoints every N steps and on SIGTERM (exit
+    code 143); run again with --resume to continue.
+    """
     from parti_ops.components.train_scorer import REPORT, scorer_step
 
     cfg = load_config(preset, config, overrides)
-    report = scorer_step(cfg, "", str(data), str(text), str(out))
+    report = scorer_step(cfg, "", str(data), str(text), str(out), resume=resume)
     lines = [f"{k}: {v:.3f}" for k, v in sorted(report.items()) if isinstance(v, float)]
     print_paths(
         "scorer: held-out retrieval, own caption first among 10\n  " + "\n  ".join(lines),

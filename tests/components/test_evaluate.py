@@ -67,6 +67,27 @@ def test_the_scorer_learns_the_training_pairs_and_reports_held_out_retrieval(set
     assert retrieval and all(0 <= saved[k] <= 1 for k in retrieval)
 
 
+def test_a_checkpointing_scorer_step_resumes_to_the_same_scorer(setup, inputs, tmp_path):
+    """With scorer.checkpoint_every set, a rerun into the same folder must say --resume, and
+    a resumed run (the step's retry) ends with the weights of an uninterrupted one."""
+    from parti_ops.model.checkpoint import CheckpointError, list_checkpoints
+    from parti_ops.model.layout import CHECKPOINTS
+
+    config = setup["config"].merge({"scorer.steps": 8, "scorer.checkpoint_every": 4})
+    args = (str(inputs["accepted"]), str(inputs["text"]))
+    whole = scorer_step(config, "", *args, str(tmp_path / "whole"))
+    assert [p.name for p in list_checkpoints(tmp_path / "whole" / CHECKPOINTS)] == [
+        "step-00000004.safetensors", "step-00000008.safetensors",
+    ]  # fmt: skip
+    with pytest.raises(CheckpointError, match="--resume"):
+        scorer_step(config, "", *args, str(tmp_path / "whole"))
+    # A run stopped after 4 steps (its checkpoint kept), then resumed to 8: the 4 steps are
+    # all warm-up (scorer.warmup_steps=5), whose rates do not depend on the total.
+    scorer_step(config.merge({"scorer.steps": 4}), "", *args, str(tmp_path / "part"))
+    resumed = scorer_step(config, "", *args, str(tmp_path / "part"), resume=True)
+    assert resumed["version"] == whole["version"]
+
+
 def test_re_evaluating_a_bundle_gives_identical_numbers_and_reuses_fid_references(setup, inputs):
     root, config = setup["root"], setup["config"]
     refs = root / "refs"
