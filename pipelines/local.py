@@ -54,15 +54,23 @@ def step_label(task: str) -> str:
     return task.removesuffix("-op")
 
 
-def code_digest() -> str:
-    """sha256 over the package's Python source: edited code re-runs every cached step."""
-    root = Path(__file__).resolve().parents[1]
+LAYERS = ("model", "components", "pipelines", "deploy")  # the package's source folders
+
+
+def code_digest(root: Path | None = None) -> str:
+    """sha256 over the package's Python source: edited code re-runs every cached step.
+
+    Only the package's own folders count: beside them, in a checkout, lie the run outputs
+    (a Triton repository holds `model.py` files) and the virtual environment.
+    """
+    root = root or Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        if "__pycache__" in path.parts:
-            continue
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        digest.update(path.read_bytes())
+    for layer in LAYERS:
+        for path in sorted((root / layer).rglob("*.py")):
+            if "__pycache__" in path.parts:
+                continue
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+            digest.update(path.read_bytes())
     return digest.hexdigest()
 
 

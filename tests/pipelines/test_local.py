@@ -15,7 +15,7 @@ from parti_ops.components import STEP_SECTIONS, progress
 from parti_ops.model.config import SECTIONS as CONFIG_SECTIONS
 from parti_ops.model.config import Config
 from parti_ops.pipelines.cli import app
-from parti_ops.pipelines.local import RunConsole, summarize
+from parti_ops.pipelines.local import LAYERS, RunConsole, code_digest, summarize
 
 COMPONENTS = Path(__file__).resolve().parents[2] / "components"
 SECTIONS = set(CONFIG_SECTIONS)  # `name` and `work_dir` come to every step
@@ -177,3 +177,21 @@ def test_a_failing_step_prints_its_name_its_log_and_no_runner_traceback(tmp_path
     assert "executor_input" not in result.output  # kfp's dumps stay in the log
     assert "executor_input" in log.read_text()
     assert os.environ.get(progress.LINES_ENV) is None  # the run leaves the environment as it was
+
+
+def test_the_code_digest_counts_the_package_source_and_nothing_beside_it(tmp_path):
+    """In a checkout the run outputs (a Triton repository's model.py) and the venv lie
+    beside the package: a second `make run` must find the first one's cache."""
+    for layer in LAYERS:
+        (tmp_path / layer).mkdir()
+        (tmp_path / layer / "a.py").write_text(f"# {layer}\n")
+    first = code_digest(tmp_path)
+    served = tmp_path / "outputs" / "kfp" / "run" / "export-op" / "repository" / "parti" / "1"
+    served.mkdir(parents=True)
+    (served / "model.py").write_text("class TritonPythonModel: ...\n")
+    (tmp_path / ".venv").mkdir()
+    (tmp_path / ".venv" / "site.py").write_text("x = 1\n")
+    assert code_digest(tmp_path) == first
+    (tmp_path / "deploy" / "a.py").write_text("# edited\n")
+    assert code_digest(tmp_path) != first
+    assert code_digest() == code_digest(Path(__file__).resolve().parents[2])  # this checkout
