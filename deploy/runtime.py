@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+# model/layout.py's GRAPHS, restated: this file runs without the package (tests check both agree).
 TEXT_ENCODER, DECODER_STEP, IMAGE_DECODER = "text_encoder", "decoder_step", "image_decoder"
 
 

@@ -25,8 +25,6 @@ from typing import Any
 
 from parti_ops.model.layout import PREEMPTED, PREEMPTED_EXIT_CODE
 
-__all__ = ["PREEMPTED", "PREEMPTED_EXIT_CODE", "launch", "supervise", "torchrun_command"]
-
 
 def torchrun_command(module: str, arguments: Path, nproc: int | None = None) -> list[str]:
     """torchrun running `python -m module arguments` in each process.

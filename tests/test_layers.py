@@ -94,3 +94,11 @@ def test_building_a_triton_repository_needs_no_torch():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_the_runtime_names_the_graphs_as_the_export_writes_them():
+    """deploy/runtime.py restates the graph names (it runs without the package)."""
+    from parti_ops.deploy import runtime
+    from parti_ops.model.layout import GRAPHS
+
+    assert (runtime.TEXT_ENCODER, runtime.DECODER_STEP, runtime.IMAGE_DECODER) == GRAPHS
